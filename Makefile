@@ -1,0 +1,42 @@
+# driftrl: the two commands that matter are `make run` and `make test` (see README.md).
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.driftrl-setup
+PYTEST_BUDGET_S ?= 1800
+
+.PHONY: setup run test test-fast test-slow lint bench clean
+
+# Idempotent: reinstalls only when pyproject.toml changed since the last successful setup.
+setup: $(STAMP)
+	@$(BIN)/python -c "import vllm, ray, deepspeed, transformers, torch; print(f'driftrl setup ok: vllm {vllm.__version__}, ray {ray.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, torch {torch.__version__}')" 2>/dev/null | tail -n 1
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "driftrl needs $(PY) (Python 3.11) on PATH" >&2; exit 1; }
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip setuptools wheel
+	# torch==2.13.0 resolves to the CPU wheel in the machine's wheel directory (PIP_FIND_LINKS).
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[cpu,dev]" "torch==2.13.0"
+	# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside CPU torch.
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	@touch $(STAMP)
+
+run: setup
+	$(BIN)/driftrl run --config configs/tiny-cpu.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow" --timeout=600
+	$(BIN)/python -m pytest -q -m slow --timeout=900
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" --timeout=600
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

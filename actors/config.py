@@ -1,0 +1,57 @@
+"""Configuration of the rollout actors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from driftrl.config_base import StrictModel
+
+
+class RewardConfig(StrictModel):
+    """Which reward function scores responses, and how long it may take."""
+
+    type: Literal["exact_match", "partial_match", "math", "python"] = Field(
+        "exact_match", description="Registered reward, or 'python' for a user function by import path."
+    )
+    function: str | None = Field(
+        None, description="For type=python: 'package.module:function' taking (response, answer) -> float."
+    )
+    timeout_s: float = Field(5.0, gt=0, description="A reward call slower than this scores 0 and is counted.")
+
+
+class WeightSyncConfig(StrictModel):
+    """How weights travel from the learner to the rollout engines."""
+
+    transport: Literal["ray_bytes", "nccl"] = Field(
+        "ray_bytes", description="Bytes through the Ray object store (CPU, any network) or NCCL (GPUs)."
+    )
+    bucket_bytes: int = Field(64 << 20, ge=1 << 10, description="Size of one safetensors bucket.")
+    timeout_s: float = Field(120.0, gt=0, description="Deadline of one sync; expiry is a clear error.")
+    in_flight: Literal["finish_old", "abort_resubmit"] = Field(
+        "finish_old",
+        description="Requests running at a sync: finish on the old weights (tagged by version spans) "
+        "or abort and resubmit on the new ones.",
+    )
+
+
+class RolloutConfig(StrictModel):
+    """vLLM rollout actors: sampling, rewards, weight updates."""
+
+    num_actors: int = Field(1, ge=1, description="Rollout actors (one vLLM engine each).")
+    group_size: int = Field(8, ge=2, description="Responses sampled per prompt (G).")
+    prompts_per_request: int = Field(8, ge=1, description="Prompts an actor submits to vLLM at once.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the behaviour policy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(16, ge=1, description="Most response tokens.")
+    max_model_len: int = Field(128, ge=8, description="Prompt + response limit of the engine.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Engine dtype.")
+    kv_cache_memory_bytes: int = Field(64 << 20, ge=1 << 20, description="KV cache size per engine.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vLLM TP).")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor in Ray.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor in Ray.")
+    max_restarts: int = Field(3, ge=0, description="Ray restarts of a dead actor.")
+    seed: int = Field(0, description="Engine seed (each actor adds its index).")
+    reward: RewardConfig = RewardConfig()
+    weight_sync: WeightSyncConfig = WeightSyncConfig()

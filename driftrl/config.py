@@ -1,0 +1,157 @@
+"""The one config tree of a driftrl run, loaded from YAML with dotted command-line overrides.
+
+Every sub-config lives beside the component it configures (``buffers/config.py``,
+``actors/config.py``, ``learner/config.py``); this module composes them and owns the loading rules:
+unknown keys, wrong types and out-of-range values fail before anything starts, with the dotted key
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from actors.config import RolloutConfig
+from buffers.config import BufferConfig
+from driftrl.config_base import StrictModel
+from learner.config import LearnerConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what is allowed."""
+
+
+class RunConfig(StrictModel):
+    """Where a run lives and how it is scheduled."""
+
+    name: str = Field("tiny", min_length=1, description="Run directory name under root_dir.")
+    root_dir: str = Field("runs", description="Folder (or URI) holding run directories.")
+    seed: int = Field(0, description="Global seed.")
+    mode: Literal["async", "sync"] = Field(
+        "async", description="async: rollout and learning overlap; sync: generate, then train (on-policy)."
+    )
+    ray_address: str | None = Field(None, description="Ray cluster address; None = start local Ray.")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray node (None = all).")
+
+
+class ModelConfig(StrictModel):
+    """The policy model."""
+
+    path: str = Field(
+        "runs/tiny-model/warm",
+        description="Local Hugging Face model directory or hub name of the starting policy.",
+    )
+    tiny: bool = Field(
+        True, description="Build the embedded tiny model and its warm start if path does not exist yet."
+    )
+
+
+class TaskConfig(StrictModel):
+    """The prompts and their verifier."""
+
+    type: Literal["synthetic", "math"] = Field("synthetic", description="Embedded synthetic task or math data.")
+    train_path: str = Field("runs/tiny-data/train.parquet", description="Train prompts (parquet/JSONL/hub).")
+    eval_path: str = Field("runs/tiny-data/heldout.parquet", description="Held-out prompts.")
+    prompt_key: str = Field("prompt", description="Column holding the prompt text.")
+    answer_key: str = Field("answer", description="Column holding the reference answer.")
+
+
+class MetricsConfig(StrictModel):
+    """Prometheus endpoint of the driver."""
+
+    host: str = Field("127.0.0.1", description="Bind address of /metrics and /healthz.")
+    port: int = Field(9464, ge=0, le=65535, description="Port (0 = pick a free one).")
+    probe_prompts: int = Field(16, ge=1, description="Fixed probe prompts for realised entropy change.")
+
+
+class DriftConfig(StrictModel):
+    """A whole driftrl run."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    buffer: BufferConfig = BufferConfig()
+    learner: LearnerConfig = LearnerConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key.sub=value``; the value is read as YAML (``1e-5`` -> float, ``null`` -> None)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from None
+    return key, value
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key")
+        else:
+            given = e.get("input")
+            shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            lines.append(f"{where}: {e['msg']}{shown}")
+    return "\n  ".join(lines)
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> DriftConfig:
+    """Validate a plain dict as a :class:`DriftConfig`, raising :class:`ConfigError`."""
+    try:
+        return DriftConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"invalid {source}:\n  {_describe(err)}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DriftConfig:
+    """Load a YAML config file (None = all defaults) and apply dotted overrides on top."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    if overrides:
+        source += " + overrides"
+    return config_from_dict(tree, source)
+
+
+def dump_config(cfg: DriftConfig) -> str:
+    """The resolved config as YAML (what a run directory stores as config.yaml)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
