@@ -1,0 +1,99 @@
+"""The `driftrl` command line: one subcommand per user-facing action.
+
+Subcommands import their implementation lazily so `driftrl --help` and config errors answer in
+well under a second, before torch, vLLM or Ray are imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from driftrl.config import ConfigError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default="configs/tiny-cpu.yaml", help="YAML config file.")
+    p.add_argument("overrides", nargs="*", help="Dotted overrides, e.g. learner.lr=1e-5 rollout.group_size=4.")
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from driftrl.tiny_model import make_tiny_model
+
+    out = make_tiny_model(args.out, seed=args.seed)
+    print(f"tiny model written to {out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from driftrl.pipeline import train_main
+
+    return train_main(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from driftrl.pipeline import run_main
+
+    return run_main(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from driftrl.evaluation import eval_main
+
+    return eval_main(args)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from driftrl.config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="driftrl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny-model", help="Write a tiny Qwen2 model + tokenizer for tests and the default run.")
+    p.add_argument("out", help="Output directory.")
+    p.add_argument("--seed", type=int, default=0, help="Initialisation seed (same seed, same files).")
+    p.set_defaults(handler=_make_tiny_model)
+
+    p = sub.add_parser("check-config", help="Validate a config with overrides and print it resolved.")
+    _add_config_args(p)
+    p.set_defaults(handler=_check_config)
+
+    p = sub.add_parser("train", help="Train: rollout actors, replay buffer and learner on Ray.")
+    _add_config_args(p)
+    p.add_argument("--resume", default=None, help="Run directory to resume from its last checkpoint.")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("run", help="The one-command tiny run: build data, model and warm start if needed, then train.")
+    _add_config_args(p)
+    p.set_defaults(handler=_run)
+
+    p = sub.add_parser("eval", help="Avg@K and Pass@K of a checkpoint on held-out data.")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", default=None, help="Model directory or run checkpoint to evaluate.")
+    p.add_argument("--k", type=int, default=8, help="Samples per question.")
+    p.set_defaults(handler=_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ConfigError as err:
+        print(f"driftrl: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
