@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.driftrl-setup
 PYTEST_BUDGET_S ?= 1800
 
-.PHONY: setup run test test-fast test-slow lint bench clean
+.PHONY: setup system-deps run test test-fast test-slow lint bench clean
 
 # Idempotent: reinstalls only when pyproject.toml changed since the last successful setup.
-setup: $(STAMP)
+setup: $(STAMP) system-deps
 	@$(BIN)/python -c "import vllm, ray, deepspeed, transformers, torch; print(f'driftrl setup ok: vllm {vllm.__version__}, ray {ray.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, torch {torch.__version__}')" 2>/dev/null | tail -n 1
 
 $(STAMP): pyproject.toml
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml
 	# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside CPU torch.
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	@touch $(STAMP)
+
+# The end-to-end tests scrape driftrl with a real Prometheus server (Debian package).
+system-deps:
+	@command -v prometheus >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "install Prometheus (>= 2.x) and put it on PATH" >&2; exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
 run: setup
 	$(BIN)/driftrl run --config configs/tiny-cpu.yaml
