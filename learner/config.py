@@ -39,6 +39,8 @@ class LossConfig(StrictModel):
     aggregation: Literal["token_mean", "seq_mean_token_mean"] = Field("token_mean", description="Loss reduction.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (baseline).")
     cov_clip_frac: float = Field(2e-4, gt=0, le=1, description="Clip-Cov: fraction of tokens detached.")
+    cov_clip_low: float = Field(1.0, description="Clip-Cov: lower bound of the covariance band (paper ω_low).")
+    cov_clip_high: float = Field(5.0, description="Clip-Cov: upper bound of the covariance band (paper ω_high).")
     kl_cov_frac: float = Field(2e-3, gt=0, le=1, description="KL-Cov: fraction of tokens KL-penalised.")
     kl_cov_coef: float = Field(1.0, ge=0, description="KL-Cov penalty coefficient.")
 
