@@ -109,16 +109,16 @@ class ClipMoments:
     def all_reduce(self, group: dist.ProcessGroup | None = None) -> ClipMoments:
         """Merge the moments of every rank of ``group``; every rank gets the same bits.
 
-        One ``all_gather`` of ``[world, 3]`` float64, then the same fold in rank order on every
+        One ``all_gather_single`` of ``3·world`` float64, then the same fold in rank order on every
         rank (a plain SUM all-reduce would need ``(Σx, Σx²)``, see the class docstring). Returns
         ``self`` when ``torch.distributed`` is not initialised.
         """
         if not (dist.is_available() and dist.is_initialized()):
             return self
         local = torch.stack([self.count, self.mean, self.m2])
-        gathered = local.new_empty(dist.get_world_size(group), 3)
-        dist.all_gather_into_tensor(gathered, local, group=group)
-        rows = [ClipMoments(count=r[0], mean=r[1], m2=r[2]) for r in gathered.unbind(0)]
+        gathered = local.new_empty(dist.get_world_size(group) * 3)
+        dist.all_gather_single(gathered, local, group=group)
+        rows = [ClipMoments(count=r[0], mean=r[1], m2=r[2]) for r in gathered.view(-1, 3).unbind(0)]
         total = rows[0]
         for row in rows[1:]:
             total = total + row
@@ -220,7 +220,7 @@ def cap_thresholds(
     offered = torch.cat([offered, offered.new_full((k,), -math.inf)]).topk(k).values
     if all_ranks and dist.is_available() and dist.is_initialized():
         gathered = offered.new_empty(dist.get_world_size(group) * k)
-        dist.all_gather_into_tensor(gathered, offered, group=group)
+        dist.all_gather_single(gathered, offered, group=group)
         offered = gathered.topk(k).values
     # fewer than k candidates: the k-th is -inf and the cap drops nothing extra
     return replace(thresholds, cutoff=offered[-1])
