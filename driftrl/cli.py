@@ -46,6 +46,12 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_main(args)
 
 
+def _filter_pass_rate(args: argparse.Namespace) -> int:
+    from driftrl.evaluation import filter_pass_rate_main
+
+    return filter_pass_rate_main(args)
+
+
 def _check_config(args: argparse.Namespace) -> int:
     from driftrl.config import dump_config, load_config
 
@@ -80,7 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--checkpoint", default=None, help="Model directory or run checkpoint to evaluate.")
     p.add_argument("--k", type=int, default=8, help="Samples per question.")
+    p.add_argument("--temperature", type=float, default=0.7, help="Eval sampling temperature (paper: 0.7).")
+    p.add_argument("--max-tokens", type=int, default=None, help="Most response tokens (default rollout.max_tokens).")
+    p.add_argument("--seed", type=int, default=None, help="Sampling seed (default run.seed).")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        metavar="NAME=SPEC",
+        help="Dataset to score, repeatable: file, hub name or dapo500/aime24/aime25 (default task.eval_path).",
+    )
+    p.add_argument("--limit", type=int, default=None, help="Score only the first N questions of each dataset.")
+    p.add_argument("--out", default=None, help="JSON output (default <checkpoint>.eval-k<K>.json beside it).")
     p.set_defaults(handler=_eval)
+
+    p = sub.add_parser(
+        "filter-pass-rate", help="Keep train prompts whose pass rate under the starting model is in (low, high)."
+    )
+    _add_config_args(p)
+    p.add_argument("--k", type=int, default=16, help="Samples per prompt.")
+    p.add_argument("--out", required=True, help="Filtered prompts (parquet); a .summary.json is written beside it.")
+    p.add_argument("--source", default=None, help="Prompt set spec (default task.train_path), e.g. dapo-math-17k.")
+    p.add_argument("--model", default=None, help="Starting model (default model.path).")
+    p.add_argument("--temperature", type=float, default=None, help="Sampling temperature (default rollout's).")
+    p.add_argument("--low", type=float, default=1 / 16, help="Exclusive lower pass-rate bound.")
+    p.add_argument("--high", type=float, default=15 / 16, help="Exclusive upper pass-rate bound.")
+    p.add_argument("--limit", type=int, default=None, help="Score only the first N prompts.")
+    p.set_defaults(handler=_filter_pass_rate)
     return parser
 
 
