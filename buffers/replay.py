@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 SEGMENTS_DIR = "segments"
 RETIRED_DIR = "retired"
-_FILE_NAME = re.compile(r"^(?P<seq>\d{16})(?P<kind>\.push|\.segment)?\.arrow$")
+_FILE_NAME = re.compile(r"^(?P<seq>\d{16,})(?P<kind>\.push|\.segment)?\.arrow$")
 
 # retire-log kinds: "acked", or the eviction reason
 ACKED = "acked"
