@@ -104,7 +104,17 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes after the measured first one")
     parser.add_argument("--path", choices=["naive", "streamed"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--gpu-suite",
+        action="store_true",
+        help="run benchmarks/token_stats_gpu.py instead (torch, chunked, fused kernel, Liger, Cut CE on CUDA)",
+    )
     args = parser.parse_args()
+    if args.gpu_suite:
+        from benchmarks.token_stats_gpu import main as gpu_main
+
+        gpu_main([])
+        return
     if args.path is not None:
         print(json.dumps(child(args)))
         return
