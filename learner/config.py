@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -50,6 +50,12 @@ class LearnerConfig(StrictModel):
 
     lr: float = Field(1e-6, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1)."
+    )
+    adam_eps: float = Field(
+        1e-8, gt=0, description="AdamW epsilon; the first update of a gradient entry g is lr·g/(|g| + eps)."
+    )
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps.")
     total_steps: int = Field(100, ge=1, description="Optimizer steps of the run.")

@@ -1,0 +1,871 @@
+"""The DeepSpeed learner: one optimisation step over a sampled table of whole groups (DESIGN.md).
+
+:class:`Learner` is a plain class (tests build it directly, one per process); ``launch_learners`` in
+:mod:`learner.actor` puts one per Ray actor. Per :meth:`Learner.train_step`:
+
+1. the Arrow table becomes padded tensors (:func:`learner.batch.table_to_batch`); GRPO advantages
+   are computed over every complete group of the table; rank ``r`` takes its contiguous slice of
+   the groups and splits it into micro-batches (every rank runs the same number of them, padding
+   with empty ones, because ZeRO's reductions are collectives);
+2. a no-grad pass gives per-token statistics and importance ratios; their clip moments, the loss
+   denominator and the count of non-finite tokens are reduced across micro-batches and ranks,
+   so the ClipB/ClipV thresholds and the token-mean denominator are those of the global batch;
+3. a loss pass per micro-batch with the keep-masks, backward, one ``engine.step()``;
+4. metrics as one dict of tensors, reduced across ranks with their stated reduction, one host
+   sync.
+
+A step whose forward or gradients are non-finite is skipped (no update, counted); more than
+``max_nan_steps`` in a row raises :class:`NonFiniteStepError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from learner.batch import RolloutBatch, table_to_batch
+from learner.clipping import (
+    ClipMoments,
+    ClipThresholds,
+    cap_thresholds,
+    clip_mask_with_thresholds,
+    clip_statistic,
+    thresholds_from_moments,
+)
+from learner.config import LearnerConfig
+from learner.entropy import TokenStats, token_stats_from_hidden
+from learner.losses import (
+    METRIC_REDUCTIONS,
+    LossInputs,
+    Reduction,
+    entropy_metrics,
+    grpo_advantages,
+    loss_denominator,
+    policy_loss,
+)
+
+CHECKPOINT_STATE_FILE = "state.json"
+CHECKPOINT_ENGINE_TAG = "deepspeed"
+
+# metrics this module adds, with their cross-rank reduction (STYLE rule 7); values that every rank
+# computes from the whole table are identical, so "max" just returns them
+LEARNER_METRIC_REDUCTIONS: dict[str, Reduction] = {
+    "driftrl_learner_train_tokens": "sum",
+    "driftrl_learner_nonfinite_tokens": "max",
+    "driftrl_learner_staleness_mean": "max",
+    "driftrl_learner_staleness_max": "max",
+    "driftrl_learner_reward_mean": "max",
+    "driftrl_learner_response_length_mean": "max",
+    "driftrl_learner_groups": "max",
+    "driftrl_learner_responses": "max",
+}
+
+
+# policy_loss metrics present for every loss type: a skipped step reports them as NaN
+ALWAYS_LOSS_METRICS: tuple[str, ...] = (
+    "driftrl_learner_loss",
+    "driftrl_learner_pg_loss",
+    "driftrl_learner_loss_tokens",
+    "driftrl_learner_ratio_mean",
+    "driftrl_learner_ratio_max",
+    "driftrl_learner_clipped_frac",
+    "driftrl_learner_truncated_frac",
+)
+
+
+class NonFiniteStepError(RuntimeError):
+    """Too many consecutive steps had a non-finite forward pass or gradient norm."""
+
+
+@dataclass
+class LinearWarmup:
+    """LR factor ``min(1, (s + 1) / (warmup_steps + 1))`` for optimizer step ``s`` (0-based).
+
+    A callable object rather than a lambda so ``LambdaLR.state_dict()`` stores it in checkpoints;
+    ``warmup_steps = 0`` gives a constant LR from the first step.
+    """
+
+    warmup_steps: int
+
+    def __call__(self, step: int) -> float:
+        return min(1.0, (step + 1) / (self.warmup_steps + 1))
+
+
+class _StatsHead(nn.Module):
+    """Owns the LM-head weight and computes streamed token statistics instead of logits.
+
+    It replaces ``lm_head`` of the Hugging Face model so the weight is used inside the forward of
+    the module that owns it: ZeRO-3 gathers a parameter only around its owner's forward (and the
+    matching backward), and the streamed statistics never form ``[N, V]`` logits. The parameter
+    keeps its name, ``lm_head.weight``.
+    """
+
+    def __init__(self, weight: nn.Parameter, chunk_size: int) -> None:
+        super().__init__()
+        self.weight = weight
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(logp, entropy, s_star, s_expect)``, each ``[N]`` float32, at temperature 1.
+
+        ``hidden`` arrives already divided by each token's temperature:
+        ``(h / T) Wᵀ = (h Wᵀ) / T``, so one call serves rows sampled at different temperatures.
+        """
+        stats = token_stats_from_hidden(hidden, self.weight, tokens, 1.0, self.chunk_size)
+        return stats.logp, stats.entropy, stats.s_star, stats.s_expect
+
+
+class PolicyWithStats(nn.Module):
+    """What the DeepSpeed engine wraps: the HF causal LM with its head swapped for :class:`_StatsHead`.
+
+    Going through the engine's forward (rather than calling submodules) keeps ZeRO-3's parameter
+    fetching in its normal per-iteration order.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int) -> None:
+        super().__init__()
+        model.lm_head = _StatsHead(model.lm_head.weight, chunk_size)
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        select: Tensor,
+        targets: Tensor,
+        inv_temperature: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Statistics of the selected next-token predictions.
+
+        Args:
+            input_ids: ``[B, L]`` token ids; attention_mask: ``[B, L]`` (1 = real token).
+            select: ``[B, L]`` bool, True where the hidden state at that position predicts a
+                response token (the position before it).
+            targets: ``[N]`` the predicted tokens, ``N = select.sum()``, in row-major order.
+            inv_temperature: ``[N]`` float32, ``1 / T`` of each token's row.
+
+        Returns:
+            ``(logp, entropy, s_star, s_expect, nonfinite)``: four ``[N]`` float32 tensors and the
+            0-d count of selected positions whose hidden state was not finite. Those rows are
+            zeroed before the head so the statistics stay defined; the learner skips the step.
+        """
+        # positions count real tokens only, correct for left and right padding alike
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        hidden = self.model.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        hidden = hidden[select]
+        finite = torch.isfinite(hidden).all(dim=-1)
+        hidden = torch.where(finite[:, None], hidden, 0.0)
+        scaled = hidden * inv_temperature.to(hidden.dtype)[:, None]
+        logp, entropy, s_star, s_expect = self.model.lm_head(scaled, targets)
+        return logp, entropy, s_star, s_expect, (~finite).sum()
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of one rank, response tokens flattened to ``[N]``.
+
+    Attributes:
+        input_ids, attention_mask, select: ``[b, L]`` model inputs and the predicting positions.
+        targets: ``[N]`` response tokens; inv_temperature: ``[N]`` float32.
+        behaviour_logprobs, advantages: ``[N]`` float32.
+        seq_index: ``[N]`` int64, the response of each token, compacted to ``< N``.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    select: Tensor
+    targets: Tensor
+    inv_temperature: Tensor
+    behaviour_logprobs: Tensor
+    advantages: Tensor
+    seq_index: Tensor
+
+    @property
+    def valid(self) -> Tensor:
+        """``[N]`` bool: every flattened token is a response token."""
+        return torch.ones_like(self.targets, dtype=torch.bool)
+
+
+@dataclass
+class TokenPass:
+    """No-grad statistics of one micro-batch, ``[N]`` float32 each (``x`` = clip statistic or None)."""
+
+    logprobs: Tensor
+    entropy: Tensor
+    s_star: Tensor
+    s_expect: Tensor
+    ratio: Tensor
+    nonfinite: Tensor
+    x: Tensor | None = None
+
+
+@dataclass
+class GlobalStats:
+    """What every rank agrees on before the loss pass."""
+
+    thresholds: ClipThresholds | None
+    keep_masks: list[Tensor | None]
+    denominator: Tensor
+    train_tokens: Tensor
+    nonfinite_tokens: Tensor
+    skip: bool
+
+
+@dataclass
+class LearnerState:
+    """Host-side counters, saved in ``state.json``."""
+
+    step: int = 0
+    policy_version: int = 0
+    skipped_steps: int = 0
+    consecutive_skipped: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _deepspeed_config(cfg: LearnerConfig, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """DeepSpeed config for one optimizer step per :meth:`Learner.train_step`.
+
+    ``managed_gradient_accumulation = False`` makes ``engine.step()`` the accumulation boundary:
+    the number of micro-batches may change from step to step (group sizes vary) and the loss
+    scale is ours (global token-mean denominator), not ``1 / gradient_accumulation_steps``.
+    """
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": cfg.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW: DeepSpeed's fused Adam is a JIT-built op unavailable with DS_BUILD_OPS=0
+            "params": {
+                "lr": cfg.lr,
+                "betas": list(cfg.adam_betas),
+                "eps": cfg.adam_eps,
+                "weight_decay": cfg.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "zero_optimization": {"stage": cfg.zero_stage},
+        # bf16 ZeRO-1/2 checks gradients for inf/NaN only when asked; fp32 and ZeRO-3 always do
+        "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": True},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    for key, value in (overrides or {}).items():
+        if isinstance(value, Mapping) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def _encode_rng_state() -> dict[str, Any]:
+    """This process's python/numpy/torch RNG states as JSON-safe values."""
+    return {
+        "python": base64.b64encode(pickle.dumps(random.getstate())).decode(),
+        "numpy": base64.b64encode(pickle.dumps(np.random.get_state())).decode(),
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+
+
+def _restore_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(pickle.loads(base64.b64decode(state["python"])))
+    np.random.set_state(pickle.loads(base64.b64decode(state["numpy"])))
+    torch_state = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
+    torch.set_rng_state(torch.from_numpy(torch_state))
+
+
+class Learner:
+    """One data-parallel rank of the DeepSpeed learner over a Hugging Face causal LM.
+
+    ``torch.distributed`` must be reachable through the usual env (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``); the constructor initialises it (gloo on
+    CPU, NCCL on GPUs) unless it already is. Every rank calls every method except
+    :meth:`publish_weights`'s publishing, which rank 0 does.
+
+    Args:
+        cfg: the learner sub-config.
+        model_path: a Hugging Face model directory (or hub name).
+        rank, world_size: this rank and the number of data-parallel ranks.
+        seed: seeds torch/numpy/python and the Clip-Cov token selection.
+        deepspeed_overrides: merged into the DeepSpeed config (tests set ZeRO-3 knobs here).
+    """
+
+    def __init__(
+        self,
+        cfg: LearnerConfig,
+        model_path: str | os.PathLike[str],
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        deepspeed_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.state = LearnerState()
+        self._set_seeds(seed + rank)
+        on_gpu = torch.cuda.is_available() and cfg.num_gpus > 0
+        if not _is_distributed():
+            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        if dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise ValueError(
+                f"torch.distributed is rank {dist.get_rank()} of {dist.get_world_size()}, "
+                f"the learner was built as rank {rank} of {world_size}"
+            )
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        hf_model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
+        self.pad_id = hf_model.config.pad_token_id if hf_model.config.pad_token_id is not None else 0
+        self.module = PolicyWithStats(hf_model, cfg.stats_chunk_size)
+        self.engine, *_ = deepspeed.initialize(
+            model=self.module,
+            model_parameters=[p for p in self.module.parameters() if p.requires_grad],
+            config=_deepspeed_config(cfg, deepspeed_overrides),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, LinearWarmup(cfg.warmup_steps)),
+        )
+        self.device = self.engine.device
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The wrapped Hugging Face model (parameters under their HF names)."""
+        return self.module.model
+
+    @property
+    def policy_version(self) -> int:
+        """Version of the weights last published (0 = initial weights)."""
+        return self.state.policy_version
+
+    @staticmethod
+    def _set_seeds(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # ---- step ---------------------------------------------------------------------------------
+
+    def train_step(self, table: pa.Table) -> dict[str, float]:
+        """One optimizer step on a table of whole groups; every rank passes the same table.
+
+        Returns:
+            Metrics as floats, identical on every rank except the clip thresholds (rank-local
+            copies, equal by construction): see :meth:`metric_names`.
+
+        Raises:
+            NonFiniteStepError: ``max_nan_steps`` consecutive steps were skipped.
+        """
+        start = time.perf_counter()
+        batch = table_to_batch(table, pad_id=self.pad_id)
+        advantages, zero_variance_frac = grpo_advantages(
+            batch.rewards, batch.group_index, std_norm=self.cfg.loss.advantage_std_norm
+        )
+        micro_batches = self._micro_batches(batch, advantages)
+        passes = [self._statistics_pass(mb) for mb in micro_batches]
+        agreed = self._agree(micro_batches, passes)
+        loss_metrics: list[dict[str, Tensor]] = []
+        if not agreed.skip:
+            loss_metrics = [
+                self._loss_pass(mb, keep, agreed.denominator)
+                for mb, keep in zip(micro_batches, agreed.keep_masks, strict=True)
+            ]
+        lr = float(self.engine.get_lr()[0])
+        applied, grad_norm = self._optimizer_step(skip=agreed.skip)
+        metrics = self._step_metrics(batch, micro_batches, passes, agreed, loss_metrics, zero_variance_frac)
+        floats = self._reduce_metrics(metrics, agreed.thresholds)
+        self._count_step(applied)
+        seconds = time.perf_counter() - start
+        floats.update(
+            self._host_metrics(applied, grad_norm, lr, seconds, floats["driftrl_learner_train_tokens"])
+        )
+        if self.state.consecutive_skipped >= self.cfg.max_nan_steps:
+            raise NonFiniteStepError(
+                f"{self.state.consecutive_skipped} consecutive learner steps had a non-finite forward pass or "
+                f"gradient (max_nan_steps={self.cfg.max_nan_steps}); last step {self.state.step}, "
+                f"{floats['driftrl_learner_nonfinite_tokens']:.0f} non-finite tokens, grad norm "
+                f"{floats['driftrl_learner_grad_norm']}. Lower the learning rate or inspect the data."
+            )
+        return floats
+
+    def _rank_rows(self, batch: RolloutBatch) -> list[Tensor]:
+        """Row indices of every rank: contiguous slices of the groups (``group_index`` numbers them
+        in order of first appearance), so each rank holds whole groups."""
+        group_index = batch.group_index.numpy()
+        return [
+            torch.from_numpy(np.flatnonzero(np.isin(group_index, groups)))
+            for groups in np.array_split(np.arange(batch.n_groups), self.world_size)
+        ]
+
+    def _micro_batches(self, batch: RolloutBatch, advantages: Tensor) -> list[MicroBatch]:
+        """This rank's micro-batches; every rank gets the same number (empty ones pad the short)."""
+        rank_rows = self._rank_rows(batch)
+        size = self.cfg.micro_batch_size
+        n_micro = max(1, max(math.ceil(len(r) / size) for r in rank_rows))
+        mine = rank_rows[self.rank]
+        return [
+            self._make_micro_batch(batch, advantages, mine[i * size : (i + 1) * size]) for i in range(n_micro)
+        ]
+
+    def _make_micro_batch(self, batch: RolloutBatch, advantages: Tensor, rows: Tensor) -> MicroBatch:
+        """Slice rows, trim the padded length, flatten the response tokens."""
+        if rows.numel() == 0:
+            # one real pad token and nothing selected: the forward and backward still run, so the
+            # ranks join every ZeRO collective (STYLE rule 8)
+            one = torch.full((1, 1), self.pad_id, dtype=torch.long)
+            input_ids, attention_mask = one, torch.ones_like(one)
+            response_mask = torch.zeros_like(one, dtype=torch.bool)
+            behaviour = torch.zeros((1, 1))
+            temperature, row_adv = torch.ones(1), torch.zeros(1)
+        else:
+            attention_mask = batch.attention_mask[rows]
+            used = attention_mask.bool().any(0).nonzero()
+            length = int(used.max()) + 1
+            input_ids = batch.input_ids[rows, :length]
+            attention_mask = attention_mask[:, :length]
+            response_mask = batch.response_mask[rows, :length].bool()
+            behaviour = batch.behaviour_logprobs[rows, :length]
+            temperature, row_adv = batch.temperature[rows].float(), advantages[rows]
+        # the hidden state at position t - 1 predicts the token at t
+        select = torch.zeros_like(response_mask)
+        select[:, :-1] = response_mask[:, 1:]
+        row_of_token = torch.arange(input_ids.shape[0])[:, None].expand_as(response_mask)[response_mask]
+        _, seq_index = torch.unique(row_of_token, return_inverse=True)
+        dev = self.device
+        return MicroBatch(
+            input_ids=input_ids.long().to(dev),
+            attention_mask=attention_mask.long().to(dev),
+            select=select.to(dev),
+            targets=input_ids[response_mask].long().to(dev),
+            inv_temperature=(1.0 / temperature[row_of_token]).float().to(dev),
+            behaviour_logprobs=behaviour[response_mask].float().to(dev),
+            advantages=row_adv[row_of_token].float().to(dev),
+            seq_index=seq_index.to(dev),
+        )
+
+    def _forward(self, mb: MicroBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return self.engine(mb.input_ids, mb.attention_mask, mb.select, mb.targets, mb.inv_temperature)
+
+    @torch.no_grad()
+    def _statistics_pass(self, mb: MicroBatch) -> TokenPass:
+        """No-grad token statistics, ratios and the clip statistic of one micro-batch."""
+        logp, entropy, s_star, s_expect, nonfinite = self._forward(mb)
+        log_ratio = logp - mb.behaviour_logprobs
+        ratio = log_ratio.exp()
+        nonfinite = nonfinite + (~torch.isfinite(ratio)).sum()
+        clip = self.cfg.clip
+        x = None
+        if clip.method != "none":
+            # a non-finite ratio would poison the global moments; the step is skipped anyway
+            safe_ratio = torch.where(torch.isfinite(ratio), ratio, 0.0)
+            weighted = clip.importance_weighted and clip.method != "clip_b"
+            x = clip_statistic(clip.method, s_star, s_expect, mb.advantages, safe_ratio if weighted else None)
+        return TokenPass(logp, entropy, s_star, s_expect, ratio, nonfinite, x)
+
+    def _agree(self, mbs: list[MicroBatch], passes: list[TokenPass]) -> GlobalStats:
+        """Global clip thresholds, keep-masks, loss denominator and the skip decision.
+
+        Collectives (in this order on every rank): the clip moments' all-gather, the cap's
+        all-gather (with ``max_frac``), one SUM all-reduce of ``[denominator, tokens, nonfinite]``.
+        """
+        clip = self.cfg.clip
+        thresholds = None
+        keeps: list[Tensor | None] = [None] * len(mbs)
+        if clip.method != "none":
+            moments = ClipMoments.from_values(passes[0].x, mbs[0].valid)
+            for mb, tp in zip(mbs[1:], passes[1:], strict=True):
+                moments = moments + ClipMoments.from_values(tp.x, mb.valid)
+            thresholds = thresholds_from_moments(clip.method, clip.form, clip.mu, moments.all_reduce())
+            if clip.max_frac is not None:
+                thresholds = cap_thresholds(
+                    thresholds,
+                    torch.cat([tp.x for tp in passes]),
+                    torch.cat([mb.advantages for mb in mbs]),
+                    torch.cat([mb.valid for mb in mbs]),
+                    clip.max_frac,
+                )
+            keeps = [
+                clip_mask_with_thresholds(thresholds, tp.x, mb.advantages, mb.valid)
+                for mb, tp in zip(mbs, passes, strict=True)
+            ]
+        aggregation = self.cfg.loss.aggregation
+        parts = [
+            torch.stack(
+                [
+                    loss_denominator(
+                        self._loss_inputs(mb, tp.logprobs, keep, tp.entropy), aggregation
+                    ).double(),
+                    mb.targets.new_tensor(mb.targets.numel(), dtype=torch.float64),
+                    tp.nonfinite.double(),
+                ]
+            )
+            for mb, tp, keep in zip(mbs, passes, keeps, strict=True)
+        ]
+        totals = torch.stack(parts).sum(0)
+        if _is_distributed():
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        # the one host sync before the loss pass: every rank must take the same branch
+        skip = bool(totals[2] > 0)
+        return GlobalStats(thresholds, keeps, totals[0].float(), totals[1], totals[2], skip)
+
+    @staticmethod
+    def _loss_inputs(mb: MicroBatch, logprobs: Tensor, keep: Tensor | None, entropy: Tensor) -> LossInputs:
+        return LossInputs(
+            logprobs=logprobs,
+            behaviour_logprobs=mb.behaviour_logprobs,
+            advantages=mb.advantages,
+            loss_mask=mb.valid,
+            keep_mask=keep,
+            seq_index=mb.seq_index,
+            entropy=entropy,
+        )
+
+    def _loss_pass(self, mb: MicroBatch, keep: Tensor | None, denominator: Tensor) -> dict[str, Tensor]:
+        """Forward with gradient, the policy loss over the global denominator, backward."""
+        logp, entropy, _, _, _ = self._forward(mb)
+        generator = torch.Generator(device=logp.device).manual_seed(
+            self.seed * 1_000_003 + self.state.step * 1_009 + self.rank
+        )
+        loss, metrics = policy_loss(
+            self._loss_inputs(mb, logp, keep, entropy), self.cfg.loss, denominator, generator
+        )
+        # the denominator counts the tokens of all ranks, so the ranks' gradients *sum* to the
+        # batch gradient; DeepSpeed averages them over the data-parallel group, hence × world size
+        self.engine.backward(loss * self.world_size)
+        return metrics
+
+    def _optimizer_step(self, skip: bool) -> tuple[bool, float | None]:
+        """``engine.step()`` unless the forward was non-finite.
+
+        DeepSpeed skips the update itself when the gradient norm is not finite (ZeRO-1/2/3,
+        including bf16 with ``check_grad_overflow``) and reports the pre-clip norm; without ZeRO
+        it does neither, so stage 0 checks the (not yet reduced) local gradients on every rank
+        first and reports their norm, which is the global one only for a single rank.
+
+        Returns:
+            ``(applied, grad_norm)``: whether the parameters changed, the gradient norm (None if
+            unknown).
+        """
+        if skip:
+            self.engine.zero_grad()
+            return False, None
+        local_norm = None
+        if self.cfg.zero_stage == 0:
+            grads = [p.grad.detach().float() for p in self.module.parameters() if p.grad is not None]
+            local_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+            bad = (~torch.isfinite(local_norm)).double()
+            if _is_distributed():
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bool(bad):
+                self.engine.zero_grad()
+                return False, None
+        self.engine.step()
+        applied = bool(self.engine.was_step_applied())
+        if not applied:
+            return False, None
+        if local_norm is not None:
+            return True, float(local_norm) if self.world_size == 1 else None
+        norm = self.engine.get_global_grad_norm()
+        return True, None if norm is None else float(norm)
+
+    def _count_step(self, applied: bool) -> None:
+        self.state.step += 1
+        if applied:
+            self.state.consecutive_skipped = 0
+        else:
+            self.state.skipped_steps += 1
+            self.state.consecutive_skipped += 1
+
+    # ---- metrics ------------------------------------------------------------------------------
+
+    def _step_metrics(
+        self,
+        batch: RolloutBatch,
+        mbs: list[MicroBatch],
+        passes: list[TokenPass],
+        agreed: GlobalStats,
+        loss_metrics: list[dict[str, Tensor]],
+        zero_variance_frac: Tensor,
+    ) -> dict[str, Tensor]:
+        """Rank-local metrics of the step (0-d tensors), before the cross-rank reduction."""
+        valid = torch.cat([mb.valid for mb in mbs])
+        keep = None if agreed.thresholds is None else torch.cat(agreed.keep_masks)
+        stats = TokenStats(
+            *(
+                torch.cat([getattr(p, f) for p in passes])
+                for f in ("logprobs", "entropy", "s_star", "s_expect")
+            )
+        )
+        ratio = torch.cat([p.ratio for p in passes])
+        ratio = torch.where(torch.isfinite(ratio), ratio, 0.0)
+        metrics = entropy_metrics(stats, torch.cat([mb.advantages for mb in mbs]), valid, ratio, keep)
+        metrics.update(self._merge_micro_batch_metrics(loss_metrics))
+        metrics["driftrl_learner_grpo_zero_variance_frac"] = zero_variance_frac
+        metrics["driftrl_learner_train_tokens"] = valid.sum().float()
+        metrics["driftrl_learner_nonfinite_tokens"] = agreed.nonfinite_tokens
+        metrics.update(self._table_metrics(batch))
+        return metrics
+
+    @staticmethod
+    def _merge_micro_batch_metrics(per_micro: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Combine :func:`policy_loss` metrics of the micro-batches into one per rank.
+
+        "sum" metrics add (the loss already has the global denominator), "max" take the max,
+        "mean" metrics are weighted by each micro-batch's loss tokens, i.e. the token mean over
+        the rank. A skipped step has no loss pass: its loss metrics are NaN.
+        """
+        if not per_micro:
+            return {name: torch.tensor(math.nan) for name in ALWAYS_LOSS_METRICS}
+        tokens = torch.stack([m["driftrl_learner_loss_tokens"] for m in per_micro])
+        merged = {}
+        for name in per_micro[0]:
+            values = torch.stack([m[name].float() for m in per_micro])
+            how = METRIC_REDUCTIONS.get(name, "mean")
+            if how == "sum":
+                merged[name] = values.sum()
+            elif how == "max":
+                merged[name] = values.max()
+            else:
+                merged[name] = (values * tokens).sum() / tokens.sum().clamp_min(1)
+        return merged
+
+    def _table_metrics(self, batch: RolloutBatch) -> dict[str, Tensor]:
+        """Metrics of the whole table (identical on every rank): staleness, reward, length."""
+        staleness = (self.state.policy_version - batch.version_start).float()
+        lengths = batch.response_mask.sum(1).float()
+        hist_top = self.cfg.max_staleness + 1
+        # bins 0 .. max_staleness, and one for anything older (the buffer should have dropped it)
+        counts = torch.bincount(staleness.long().clamp(0, hist_top), minlength=hist_top + 1)
+        metrics = {
+            "driftrl_learner_staleness_mean": staleness.mean(),
+            "driftrl_learner_staleness_max": staleness.max(),
+            "driftrl_learner_reward_mean": batch.rewards.float().mean(),
+            "driftrl_learner_response_length_mean": lengths.mean(),
+            "driftrl_learner_groups": torch.tensor(float(torch.unique(batch.group_index).numel())),
+            "driftrl_learner_responses": torch.tensor(float(batch.rewards.numel())),
+        }
+        for k in range(hist_top):
+            metrics[f"driftrl_learner_staleness_count_{k}"] = counts[k].float()
+        metrics["driftrl_learner_staleness_count_over"] = counts[hist_top].float()
+        return metrics
+
+    def _reduce_metrics(
+        self, metrics: dict[str, Tensor], thresholds: ClipThresholds | None
+    ) -> dict[str, float]:
+        """Cross-rank reduction with each metric's stated reduction, then one host sync.
+
+        "sum" and token-weighted "mean" metrics share one SUM all-reduce, "max" metrics one MAX
+        all-reduce. The clip thresholds are appended unreduced: they are each rank's own copy.
+        """
+        reductions = {**METRIC_REDUCTIONS, **LEARNER_METRIC_REDUCTIONS}
+        names = sorted(metrics)
+        how = {
+            n: reductions.get(n, "max" if n.startswith("driftrl_learner_staleness_count") else "mean")
+            for n in names
+        }
+        weight = metrics["driftrl_learner_train_tokens"].double()
+        sum_names = [n for n in names if how[n] in ("sum", "mean")]
+        max_names = [n for n in names if how[n] == "max"]
+        sums = torch.stack(
+            [metrics[n].double() * (weight if how[n] == "mean" else 1.0) for n in sum_names] + [weight]
+        )
+        maxes = torch.stack([metrics[n].double() for n in max_names])
+        if _is_distributed():
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        total_weight = sums[-1].clamp_min(1)
+        values = [sums[i] / total_weight if how[n] == "mean" else sums[i] for i, n in enumerate(sum_names)]
+        values += list(maxes.unbind(0))
+        out_names = sum_names + max_names
+        if thresholds is not None:
+            values += [thresholds.center, thresholds.bound]
+            out_names += ["driftrl_learner_clip_center", "driftrl_learner_clip_bound"]
+            if thresholds.cutoff is not None:
+                values.append(thresholds.cutoff)
+                out_names.append("driftrl_learner_clip_cutoff")
+        flat = torch.stack([v.double().reshape(()) for v in values]).tolist()
+        return dict(zip(out_names, flat, strict=True))
+
+    def _host_metrics(
+        self, applied: bool, grad_norm: float | None, lr: float, seconds: float, train_tokens: float
+    ) -> dict[str, float]:
+        """Metrics DeepSpeed and the clock already hold on the host (grad norm NaN when skipped)."""
+        return {
+            "driftrl_learner_grad_norm": math.nan if grad_norm is None else grad_norm,
+            "driftrl_learner_lr": lr,
+            "driftrl_learner_step_skipped": 0.0 if applied else 1.0,
+            "driftrl_learner_skipped_steps_total": float(self.state.skipped_steps),
+            "driftrl_learner_step": float(self.state.step),
+            "driftrl_learner_policy_version": float(self.state.policy_version),
+            "driftrl_learner_step_seconds": seconds,
+            "driftrl_learner_train_tokens_per_s": train_tokens / seconds,
+        }
+
+    # ---- probe --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def probe_entropy(
+        self, probe_input_ids: Tensor, probe_attention_mask: Tensor | None = None, temperature: float = 1.0
+    ) -> float:
+        """Mean next-token entropy of the current policy over every real position of fixed sequences.
+
+        Realised ΔH between syncs = difference of two calls (ALGORITHM.md §5). Every rank calls it
+        under ZeRO-3 (the forward gathers parameters collectively).
+
+        Args:
+            probe_input_ids: ``[P, L]`` token ids.
+            probe_attention_mask: ``[P, L]``, 1 = real token; None = all real.
+            temperature: the distribution is ``softmax(z / T)``.
+        """
+        ids = probe_input_ids.long().to(self.device)
+        mask = (
+            torch.ones_like(ids)
+            if probe_attention_mask is None
+            else probe_attention_mask.long().to(self.device)
+        )
+        select = mask.bool()
+        n = int(select.sum())
+        _, entropy, _, _, _ = self.engine(
+            ids,
+            mask,
+            select,
+            torch.zeros(n, dtype=torch.long, device=self.device),
+            torch.full((n,), 1.0 / temperature, device=self.device),
+        )
+        return float(entropy.mean())
+
+    # ---- weights ------------------------------------------------------------------------------
+
+    def named_parameters_for_sync(self) -> Iterator[tuple[str, Tensor]]:
+        """Full parameters under their Hugging Face names, one module at a time, on the CPU.
+
+        Under ZeRO-3 each module's parameters are gathered (every rank must iterate in step) and
+        copied before the next module is gathered, so at most one layer is whole at a time.
+        """
+        zero3 = self.cfg.zero_stage == 3
+        for module_name, module in self.hf_model.named_modules():
+            params = list(module.named_parameters(recurse=False))
+            if not params:
+                continue
+            prefix = f"{module_name}." if module_name else ""
+            if zero3:
+                with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+                    copies = [(prefix + n, p.detach().to("cpu", copy=True)) for n, p in params]
+            else:
+                copies = [(prefix + n, p.detach().to("cpu", copy=True)) for n, p in params]
+            yield from copies
+
+    def state_dict_for_sync(self) -> dict[str, Tensor]:
+        """:meth:`named_parameters_for_sync` collected into a dict (whole model on the CPU)."""
+        return dict(self.named_parameters_for_sync())
+
+    def publish_weights(self, publisher: Any, version: int | None = None) -> Any:
+        """Hand the full weights to ``publisher.publish(version, named_tensors)`` (rank 0 only).
+
+        Every rank must call it (ZeRO-3 gathers collectively); the learner's policy version becomes
+        ``version`` (default: the current one + 1) on every rank.
+
+        Returns:
+            What the publisher returned on rank 0 (its manifest/object refs), None elsewhere.
+        """
+        version = self.state.policy_version + 1 if version is None else version
+        # collected on every rank before rank 0 publishes: a publisher error then cannot leave the
+        # other ranks blocked inside a ZeRO-3 gather
+        named = list(self.named_parameters_for_sync())
+        result = publisher.publish(version, named) if self.rank == 0 else None
+        self.state.policy_version = version
+        return result
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``directory/`` = DeepSpeed engine state (``deepspeed/``) + ``state.json``, atomically.
+
+        Everything is written under ``<directory>.tmp`` and renamed at the end, so a crash leaves
+        either the previous checkpoint or none, never a partial one. All ranks call it and must
+        share the file system (each writes its own optimizer shard).
+        """
+        final = Path(directory)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        self.engine.save_checkpoint(str(tmp), tag=CHECKPOINT_ENGINE_TAG, save_latest=False)
+        rng = [None] * self.world_size
+        if _is_distributed():
+            dist.all_gather_object(rng, _encode_rng_state())
+        else:
+            rng = [_encode_rng_state()]
+        if self.rank == 0:
+            state = {
+                "step": self.state.step,
+                "policy_version": self.state.policy_version,
+                "skipped_steps": self.state.skipped_steps,
+                "consecutive_skipped": self.state.consecutive_skipped,
+                "world_size": self.world_size,
+                "zero_stage": self.cfg.zero_stage,
+                "extra": self.state.extra,
+                "rng": rng,
+            }
+            (tmp / CHECKPOINT_STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+            if final.exists():
+                old = final.with_name(final.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(final)
+        self._barrier()
+        return final
+
+    def load_checkpoint(self, directory: str | os.PathLike[str]) -> LearnerState:
+        """Restore model, optimizer, LR schedule, counters and (same world size) RNG states."""
+        path = Path(directory)
+        state_file = path / CHECKPOINT_STATE_FILE
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{path} is not a learner checkpoint (no {CHECKPOINT_STATE_FILE})")
+        saved = json.loads(state_file.read_text())
+        load_path, _ = self.engine.load_checkpoint(
+            str(path), tag=CHECKPOINT_ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise FileNotFoundError(f"{path / CHECKPOINT_ENGINE_TAG}: DeepSpeed found no checkpoint to load")
+        self.state = LearnerState(
+            step=saved["step"],
+            policy_version=saved["policy_version"],
+            skipped_steps=saved["skipped_steps"],
+            consecutive_skipped=saved["consecutive_skipped"],
+            extra=saved.get("extra", {}),
+        )
+        if saved["world_size"] == self.world_size:
+            _restore_rng_state(saved["rng"][self.rank])
+        return self.state
+
+    def _barrier(self) -> None:
+        if _is_distributed():
+            dist.barrier()

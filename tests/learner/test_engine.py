@@ -1,0 +1,359 @@
+"""The DeepSpeed learner on CPU (real DeepSpeed, gloo, the tiny Qwen2): one step, masks, NaN
+skipping, gradient accumulation, ZeRO-3 gathering, resume identity, and data parallelism over Ray.
+
+Every in-process learner is rank 0 of a world of 1 (one gloo process group per pytest process);
+the data-parallel test runs its ranks as Ray actors. DeepSpeed's first use JIT-builds a shared
+memory op (~1–2 min) into ``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR``); later
+processes load it from there in a second, so do not point that variable at a temporary folder.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from buffers.schema import records_to_table
+from driftrl.tiny_model import make_tiny_model
+from learner.config import ClipConfig, LearnerConfig, LossConfig
+
+GROUP_SIZE = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def distributed_env():
+    """A single-rank torch.distributed env for this module; env and process group undone after it,
+    so later test modules (vLLM, Ray) do not inherit a rank."""
+    import torch.distributed as dist
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DS_ACCELERATOR", "cpu")
+        for key, value in {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+        }.items():
+            env.setenv(key, value)
+        env.setenv("MASTER_PORT", str(_free_port()))
+        yield
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+def make_table(
+    model_dir: Path,
+    n_groups: int = 4,
+    seed: int = 0,
+    temperature: float = 1.0,
+    version_start: int = 0,
+    group_size: int = GROUP_SIZE,
+) -> pa.Table:
+    """Random prompts/responses of whole groups; behaviour log-probs from the model itself at
+    ``temperature`` (so importance ratios are 1 up to rounding); rewards varied within groups."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    rng = np.random.default_rng(seed)
+    records = []
+    for g in range(n_groups):
+        prompt = rng.integers(4, 64, size=int(rng.integers(3, 7))).tolist()
+        for i in range(group_size):
+            response = rng.integers(4, 64, size=int(rng.integers(2, 9))).tolist()
+            ids = torch.tensor([prompt + response])
+            with torch.no_grad():
+                logits = model(ids).logits[0].float() / temperature
+            logp = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1].gather(1, ids[0, len(prompt) :, None])
+            records.append(
+                {
+                    "traj_id": f"t{seed}-{g}-{i}",
+                    "prompt_id": f"p{seed}-{g}",
+                    "group_id": f"g{seed}-{g}",
+                    "group_size": group_size,
+                    "prompt_ids": prompt,
+                    "response_ids": response,
+                    "behaviour_logprobs": logp[:, 0].tolist(),
+                    "temperature": temperature,
+                    "reward": float(rng.random()),
+                    "version_start": version_start,
+                    "version_end": version_start,
+                    "actor_id": "test",
+                    "finish_reason": "length",
+                }
+            )
+    return records_to_table(records)
+
+
+def learner_config(**overrides) -> LearnerConfig:
+    base = {
+        "lr": 1e-3,
+        "grad_clip": 1.0,
+        "zero_stage": 2,
+        "micro_batch_size": 4,
+        "groups_per_step": 4,
+        "clip": ClipConfig(method="none"),
+        "loss": LossConfig(),
+    }
+    return LearnerConfig(**{**base, **overrides})
+
+
+def build(model_dir: Path, **overrides):
+    from learner.engine import Learner
+
+    return Learner(learner_config(**overrides), model_dir, rank=0, world_size=1, seed=0)
+
+
+def params(learner) -> dict[str, torch.Tensor]:
+    return learner.state_dict_for_sync()
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_one_step_trains_and_reports(distributed_env, model_dir):
+    learner = build(model_dir)
+    table = make_table(model_dir, seed=1)
+    before = params(learner)
+    probe = torch.tensor(table.column("prompt_ids").to_pylist()[0])[None]
+    entropy_before = learner.probe_entropy(probe)
+    metrics = learner.train_step(table)
+    after = params(learner)
+
+    assert math.isfinite(metrics["driftrl_learner_loss"])
+    assert metrics["driftrl_learner_step_skipped"] == 0.0
+    assert max_abs_diff(before, after) > 1e-4
+    # on-policy: behaviour log-probs were computed from these very weights at T = 1
+    assert metrics["driftrl_learner_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["driftrl_learner_ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    lengths = [len(r) for r in table.column("response_ids").to_pylist()]
+    assert metrics["driftrl_learner_train_tokens"] == sum(lengths)
+    assert metrics["driftrl_learner_response_length_mean"] == pytest.approx(np.mean(lengths))
+    assert metrics["driftrl_learner_reward_mean"] == pytest.approx(
+        np.mean(table.column("reward").to_pylist())
+    )
+    assert metrics["driftrl_learner_staleness_count_0"] == table.num_rows
+    assert metrics["driftrl_learner_lr"] == pytest.approx(1e-3)
+    assert metrics["driftrl_learner_grad_norm"] > 0
+    for name in (
+        "driftrl_learner_entropy_mean",
+        "driftrl_learner_predicted_entropy_change",
+        "driftrl_learner_cov_adv_weighted_s_centered",
+        "driftrl_learner_s_star_mean",
+        "driftrl_learner_s_expect_std",
+        "driftrl_learner_clip_dropped_frac",
+        "driftrl_learner_truncated_frac",
+        "driftrl_learner_staleness_mean",
+        "driftrl_learner_staleness_max",
+        "driftrl_learner_train_tokens_per_s",
+        "driftrl_learner_skipped_steps_total",
+    ):
+        assert math.isfinite(metrics[name]), name
+    assert learner.probe_entropy(probe) != entropy_before
+
+
+def test_staleness_counts(distributed_env, model_dir):
+    learner = build(model_dir, max_staleness=2)
+    learner.state.policy_version = 3
+    old = make_table(model_dir, n_groups=2, seed=2, version_start=1)
+    new = make_table(model_dir, n_groups=2, seed=3, version_start=3)
+    metrics = learner.train_step(pa.concat_tables([old, new]))
+    # 8 rows of staleness 3 - 1 = 2 and 8 of staleness 0: mean 1, max 2
+    assert metrics["driftrl_learner_staleness_count_0"] == 8
+    assert metrics["driftrl_learner_staleness_count_2"] == 8
+    assert metrics["driftrl_learner_staleness_mean"] == 1.0
+    assert metrics["driftrl_learner_staleness_max"] == 2.0
+
+
+def test_clip_v_mask_changes_the_loss(distributed_env, model_dir):
+    table = make_table(model_dir, seed=4, temperature=0.7)
+    plain = build(model_dir).train_step(table)
+    # μ = 0.5 population stds drops a good share of a symmetric ClipV batch
+    clipped = build(model_dir, clip=ClipConfig(method="clip_v", form="symmetric", mu=0.5)).train_step(table)
+    assert plain["driftrl_learner_clip_dropped_frac"] == 0.0
+    assert clipped["driftrl_learner_clip_dropped_frac"] > 0.1
+    assert clipped["driftrl_learner_loss_tokens"] < plain["driftrl_learner_loss_tokens"]
+    assert clipped["driftrl_learner_loss"] != pytest.approx(plain["driftrl_learner_loss"], abs=1e-6)
+
+
+def test_nan_gradient_is_skipped_and_counted(distributed_env, model_dir):
+    learner = build(model_dir)
+    table = make_table(model_dir, seed=5)
+    weight = learner.hf_model.model.layers[0].mlp.down_proj.weight
+    before = params(learner)
+    hook = weight.register_hook(lambda grad: torch.full_like(grad, math.nan))
+    metrics = learner.train_step(table)
+    hook.remove()
+    assert metrics["driftrl_learner_step_skipped"] == 1.0
+    assert metrics["driftrl_learner_skipped_steps_total"] == 1.0
+    assert max_abs_diff(before, params(learner)) == 0.0
+
+    metrics = learner.train_step(table)
+    assert metrics["driftrl_learner_step_skipped"] == 0.0
+    assert metrics["driftrl_learner_skipped_steps_total"] == 1.0
+    assert max_abs_diff(before, params(learner)) > 1e-4
+
+
+def test_nan_forward_is_skipped_then_too_many_stop_the_run(distributed_env, model_dir):
+    from learner.engine import NonFiniteStepError
+
+    learner = build(model_dir, max_nan_steps=2)
+    table = make_table(model_dir, seed=6)
+    layer = learner.hf_model.model.layers[1]
+    hook = layer.register_forward_hook(lambda module, args, out: out * math.nan)
+    before = params(learner)
+    metrics = learner.train_step(table)
+    assert metrics["driftrl_learner_step_skipped"] == 1.0
+    assert metrics["driftrl_learner_nonfinite_tokens"] == metrics["driftrl_learner_train_tokens"]
+    assert math.isnan(metrics["driftrl_learner_loss"])
+    assert max_abs_diff(before, params(learner)) == 0.0
+    with pytest.raises(NonFiniteStepError, match="2 consecutive"):
+        learner.train_step(table)
+    hook.remove()
+
+
+def capture_gradients(learner) -> dict[str, torch.Tensor]:
+    """Sum of every backward's gradient per parameter (tensor hooks run before ZeRO's reduction)."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def add(grad):
+            sums[name] = sums[name] + grad if name in sums else grad.clone()
+
+        return add
+
+    for name, param in learner.hf_model.named_parameters():
+        param.register_hook(hook(name))
+    return sums
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_micro_batches_equal_one_batch(distributed_env, model_dir, zero_stage):
+    table = make_table(model_dir, seed=7)
+    # eps = 1e-4: Adam's first update is lr·g/(|g| + eps), which with the default 1e-8 turns fp32
+    # summation-order noise (~1e-10) in near-zero gradient entries into ~1e-2·lr parameter noise
+    whole = build(model_dir, zero_stage=zero_stage, micro_batch_size=table.num_rows, adam_eps=1e-4)
+    split = build(model_dir, zero_stage=zero_stage, micro_batch_size=table.num_rows // 4, adam_eps=1e-4)
+    g_whole, g_split = capture_gradients(whole), capture_gradients(split)
+    m_whole = whole.train_step(table)
+    m_split = split.train_step(table)
+    assert m_split["driftrl_learner_loss"] == pytest.approx(m_whole["driftrl_learner_loss"], abs=1e-6)
+    assert m_split["driftrl_learner_grad_norm"] == pytest.approx(
+        m_whole["driftrl_learner_grad_norm"], rel=1e-5
+    )
+    torch.testing.assert_close(g_split, g_whole)
+    torch.testing.assert_close(params(split), params(whole))
+
+
+def test_zero3_gathers_full_parameters_and_matches_zero2(distributed_env, model_dir):
+    from transformers import AutoModelForCausalLM
+
+    table = make_table(model_dir, seed=8)
+    zero2 = build(model_dir, zero_stage=2, adam_eps=1e-4)
+    from learner.engine import Learner
+
+    zero3 = Learner(
+        learner_config(zero_stage=3, adam_eps=1e-4),
+        model_dir,
+        deepspeed_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+    )
+    reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).state_dict()
+    gathered = params(zero3)
+    assert {k: v.shape for k, v in gathered.items()} == {k: v.shape for k, v in reference.items()}
+    assert max_abs_diff(gathered, reference) == 0.0
+    m2, m3 = zero2.train_step(table), zero3.train_step(table)
+    assert m3["driftrl_learner_loss"] == pytest.approx(m2["driftrl_learner_loss"], abs=1e-6)
+    assert m3["driftrl_learner_grad_norm"] == pytest.approx(m2["driftrl_learner_grad_norm"], rel=1e-5)
+    torch.testing.assert_close(params(zero3), params(zero2))
+
+
+def test_publish_hands_hf_named_weights_to_the_publisher(distributed_env, model_dir):
+    from safetensors.torch import load
+
+    from actors.weight_sync import BytesWeightPublisher
+
+    learner = build(model_dir)
+    learner.train_step(make_table(model_dir, seed=9))
+    manifest = learner.publish_weights(BytesWeightPublisher(bucket_bytes=1 << 20, use_object_store=False))
+    assert manifest.version == learner.policy_version == 1
+    published = {}
+    for bucket in manifest.buckets:
+        published.update(load(bucket.payload))
+    assert max_abs_diff(published, params(learner)) == 0.0
+
+
+def test_resume_gives_the_identical_next_step(distributed_env, model_dir, tmp_path):
+    cfg = {"warmup_steps": 3, "clip": ClipConfig(method="clip_v", mu=1.0)}
+    tables = [make_table(model_dir, seed=10 + i) for i in range(3)]
+    first = build(model_dir, **cfg)
+    for table in tables[:2]:
+        first.train_step(table)
+    first.state.policy_version = 2
+    saved = first.save_checkpoint(tmp_path / "checkpoints" / "step_2")
+    assert {"deepspeed", "state.json"} <= {p.name for p in saved.iterdir()}
+    assert not (tmp_path / "checkpoints" / "step_2.tmp").exists()
+    m3 = first.train_step(tables[2])
+
+    resumed = build(model_dir, **cfg)
+    state = resumed.load_checkpoint(saved)
+    assert (state.step, state.policy_version) == (2, 2)
+    r3 = resumed.train_step(tables[2])
+    assert r3["driftrl_learner_loss"] == m3["driftrl_learner_loss"]
+    assert r3["driftrl_learner_lr"] == m3["driftrl_learner_lr"]
+    # same weights, optimizer moments and LR schedule: the update is bit-identical on one CPU
+    assert max_abs_diff(params(first), params(resumed)) == 0.0
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank(distributed_env, model_dir):
+    import ray
+
+    from learner.actor import call_all, launch_learners
+
+    table = make_table(model_dir, n_groups=4, seed=20)
+    cfg = {
+        "clip": ClipConfig(method="clip_b", form="symmetric", mu=1.0),
+        "micro_batch_size": 3,
+        "adam_eps": 1e-4,
+    }
+    single = build(model_dir, **cfg)
+    m_single = single.train_step(table)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        group = launch_learners(learner_config(data_parallel_size=2, num_cpus=1, **cfg), str(model_dir))
+        metrics = call_all(group, "train_step", table, timeout_s=300)
+        weights = call_all(group, "state_dict_for_sync", timeout_s=120)
+        group.shutdown()
+    finally:
+        ray.shutdown()
+    for name in ("driftrl_learner_clip_center", "driftrl_learner_clip_bound"):
+        assert metrics[0][name] == metrics[1][name]
+        assert metrics[0][name] == pytest.approx(m_single[name], rel=1e-6)
+    assert metrics[0]["driftrl_learner_loss"] == pytest.approx(m_single["driftrl_learner_loss"], abs=1e-6)
+    # the reported norm is the pre-clip norm of the averaged gradient: a wrong DP scale shows here
+    assert metrics[0]["driftrl_learner_grad_norm"] == pytest.approx(
+        m_single["driftrl_learner_grad_norm"], rel=1e-5
+    )
+    assert metrics[0]["driftrl_learner_clip_dropped_frac"] == pytest.approx(
+        m_single["driftrl_learner_clip_dropped_frac"], abs=1e-9
+    )
+    assert max_abs_diff(weights[0], weights[1]) == 0.0
+    assert max_abs_diff(weights[0], params(single)) < 1e-5
