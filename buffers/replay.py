@@ -403,7 +403,9 @@ class ReplayBuffer:
     def _write_push(self, table: pa.Table, groups: list[tuple[str, np.ndarray]], seq: int) -> None:
         """Write the accepted groups to their own file (outside the lock), then make them available."""
         order = np.concatenate([idx for _, idx in groups])
-        accepted = table.take(order)
+        # the usual push (whole valid groups, each contiguous) is written as is, without a copy
+        identity = len(order) == table.num_rows and bool(np.all(order == np.arange(len(order))))
+        accepted = table if identity else table.take(order)
         traj_ids = accepted.column("traj_id").to_pylist()
         name = f"{SEGMENTS_DIR}/{seq:016d}.push.arrow"
         try:
@@ -556,7 +558,7 @@ class ReplayBuffer:
         for batch in batches:
             if not batch:
                 continue
-            table = _gather(batch)
+            table = _gather(batch, contiguous_slices=True)
             name = f"{SEGMENTS_DIR}/{self._next_file_seq:016d}.segment.arrow"
             self._next_file_seq += 1
             try:
@@ -702,9 +704,14 @@ def _split_groups(table: pa.Table, keep: np.ndarray) -> list[tuple[str, np.ndarr
     return list(zip(encoded.dictionary.to_pylist(), np.split(rows[order], bounds), strict=True))
 
 
-def _gather(groups: Sequence[_Group]) -> pa.Table:
-    """The rows of ``groups`` as one table with compact buffers (``take`` copies just these rows;
-    a slice would keep, and pickle, the whole file's buffers)."""
+def _gather(groups: Sequence[_Group], contiguous_slices: bool = False) -> pa.Table:
+    """The rows of ``groups``, in order, as one table.
+
+    By default with compact buffers (``take`` copies just these rows): a slice would keep, and
+    pickle into the Ray object store, the whole file's buffers. ``contiguous_slices=True`` (for
+    writing an IPC file, which writes only a slice's own bytes) returns zero-copy slices wherever
+    consecutive groups sit in consecutive rows of one file.
+    """
     if not groups:
         return ROLLOUT_SCHEMA.empty_table()
     parts: list[pa.Table] = []
@@ -712,6 +719,10 @@ def _gather(groups: Sequence[_Group]) -> pa.Table:
     for end in range(1, len(groups) + 1):
         if end == len(groups) or groups[end].chunk is not groups[start].chunk:
             rows = np.concatenate([g.rows for g in groups[start:end]])
-            parts.append(groups[start].chunk.table.take(rows))
+            table = groups[start].chunk.table
+            if contiguous_slices and np.all(np.diff(rows) == 1):
+                parts.append(table.slice(int(rows[0]), len(rows)))
+            else:
+                parts.append(table.take(rows))
             start = end
     return pa.concat_tables(parts)

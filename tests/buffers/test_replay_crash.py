@@ -51,7 +51,9 @@ def _run_and_record(errors: list[BaseException], target) -> threading.Thread:
 def test_sigkill_mid_stream_loses_nothing_and_acks_nothing_twice(ray_session, tmp_path, make_groups):
     uri = str(tmp_path / "buffer")
     config = BufferConfig(capacity_groups=24, compact_min_files=4, segment_rows=32, push_timeout_s=30.0)
-    actor = launch_buffer_actor(config, uri, max_restarts=-1, max_task_retries=-1, max_concurrency=4, num_cpus=0)
+    actor = launch_buffer_actor(
+        config, uri, max_restarts=-1, max_task_retries=-1, max_concurrency=4, num_cpus=0
+    )
     pids = [ray.get(actor.pid.remote(), timeout=60)]
     deadline = time.monotonic() + DEADLINE_S
     errors: list[BaseException] = []
@@ -123,4 +125,8 @@ def test_sigkill_mid_stream_loses_nothing_and_acks_nothing_twice(ray_session, tm
 
     ray.kill(actor, no_restart=True)
     recovered = ReplayBuffer(config, uri).stats()
-    assert (recovered["acked"], recovered["accepted"], recovered["rows_available"]) == (len(stored), len(stored), 0)
+    assert (recovered["acked"], recovered["accepted"], recovered["rows_available"]) == (
+        len(stored),
+        len(stored),
+        0,
+    )

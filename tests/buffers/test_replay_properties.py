@@ -35,8 +35,13 @@ class BufferMachine(RuleBasedStateMachine):
     @initialize(order=st.sampled_from(["fifo", "freshest"]), capacity_groups=st.integers(2, 8))
     def open_buffer(self, order: str, capacity_groups: int) -> None:
         self.config = BufferConfig(
-            fsync=False, order=order, capacity_groups=capacity_groups, when_full="reject",
-            compact_min_files=3, segment_rows=10, retire_log_compact_files=3,
+            fsync=False,
+            order=order,
+            capacity_groups=capacity_groups,
+            when_full="reject",
+            compact_min_files=3,
+            segment_rows=10,
+            retire_log_compact_files=3,
         )
         self.buffer = ReplayBuffer(self.config, self.root)
 
@@ -87,7 +92,9 @@ class BufferMachine(RuleBasedStateMachine):
         for g in runs:
             assert group_ids.count(g) == sizes[group_ids.index(g)]
         if max_staleness is not None:
-            assert all(self.learner_version - v <= max_staleness for v in table.column("version_start").to_pylist())
+            assert all(
+                self.learner_version - v <= max_staleness for v in table.column("version_start").to_pylist()
+            )
         self.handed_out_since_failure |= set(ids)
         self.leased |= set(ids)
 

@@ -52,7 +52,11 @@ def test_each_bad_row_kind_is_rejected_with_its_reason_and_good_groups_are_kept(
     mixed_prompts = group_records("bad-mixed")
     mixed_prompts[2]["prompt_id"] = "another prompt"
     short = group_records("bad-short")[:3]
-    whole_group_cases = ((zero_size, "bad_group_size"), (mixed_prompts, "inconsistent_group"), (short, INCOMPLETE_GROUP))
+    whole_group_cases = (
+        (zero_size, "bad_group_size"),
+        (mixed_prompts, "inconsistent_group"),
+        (short, INCOMPLETE_GROUP),
+    )
     for group, reason in whole_group_cases:
         expected.update({r["traj_id"]: reason for r in group})
         records += group

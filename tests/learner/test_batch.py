@@ -82,10 +82,19 @@ def test_behaviour_logprobs_sit_on_the_positions_of_their_tokens():
     table = records_to_table(
         [
             {
-                "traj_id": "t", "prompt_id": "p", "group_id": "g", "group_size": 1,
-                "prompt_ids": [11, 12], "response_ids": [21, 22, 23], "behaviour_logprobs": [-1.0, -2.0, -3.0],
-                "temperature": 1.0, "reward": 1.0, "version_start": 0, "version_end": 0,
-                "actor_id": "a", "finish_reason": "stop",
+                "traj_id": "t",
+                "prompt_id": "p",
+                "group_id": "g",
+                "group_size": 1,
+                "prompt_ids": [11, 12],
+                "response_ids": [21, 22, 23],
+                "behaviour_logprobs": [-1.0, -2.0, -3.0],
+                "temperature": 1.0,
+                "reward": 1.0,
+                "version_start": 0,
+                "version_end": 0,
+                "actor_id": "a",
+                "finish_reason": "stop",
             }
         ]
     )
