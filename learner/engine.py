@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import deepspeed
 import numpy as np
@@ -60,6 +60,9 @@ from learner.losses import (
     loss_denominator,
     policy_loss,
 )
+
+if TYPE_CHECKING:
+    from driftrl.config import DriftConfig
 
 CHECKPOINT_STATE_FILE = "state.json"
 CHECKPOINT_ENGINE_TAG = "deepspeed"
@@ -351,6 +354,11 @@ class Learner:
         )
         self.device = self.engine.device
 
+    @classmethod
+    def from_config(cls, cfg: DriftConfig, rank: int = 0, world_size: int = 1) -> Learner:
+        """Build from the whole run config: ``cfg.learner``, ``cfg.model.path``, ``cfg.run.seed``."""
+        return cls(cfg.learner, cfg.model.path, rank, world_size, seed=cfg.run.seed)
+
     @property
     def hf_model(self) -> nn.Module:
         """The wrapped Hugging Face model (parameters under their HF names)."""
@@ -373,8 +381,13 @@ class Learner:
         """One optimizer step on a table of whole groups; every rank passes the same table.
 
         Returns:
-            Metrics as floats, identical on every rank except the clip thresholds (rank-local
-            copies, equal by construction): see :meth:`metric_names`.
+            ``driftrl_learner_*`` metrics as floats, identical on every rank except the clip
+            thresholds (rank-local copies, equal by construction): the :func:`policy_loss` and
+            :func:`entropy_metrics` names of :data:`learner.losses.METRIC_REDUCTIONS`, those of
+            :data:`LEARNER_METRIC_REDUCTIONS`, ``staleness_count_<k>`` (k = 0..max_staleness) and
+            ``staleness_count_over``, ``clip_center``/``clip_bound``/``clip_cutoff`` (with a clip
+            method), and ``grad_norm``, ``lr``, ``step_skipped``, ``skipped_steps_total``, ``step``,
+            ``policy_version``, ``step_seconds``, ``train_tokens_per_s``.
 
         Raises:
             NonFiniteStepError: ``max_nan_steps`` consecutive steps were skipped.
