@@ -41,7 +41,12 @@ class RolloutConfig(StrictModel):
 
     num_actors: int = Field(1, ge=1, description="Rollout actors (one vLLM engine each).")
     group_size: int = Field(8, ge=2, description="Responses sampled per prompt (G).")
-    prompts_per_request: int = Field(8, ge=1, description="Prompts an actor submits to vLLM at once.")
+    prompts_per_request: int = Field(
+        8,
+        ge=1,
+        description="Most prompt groups an actor keeps in flight in its engine (continuous batching; "
+        "each finished group is replaced at once, within the admission rule).",
+    )
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the behaviour policy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_tokens: int = Field(16, ge=1, description="Most response tokens.")
@@ -53,5 +58,13 @@ class RolloutConfig(StrictModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor in Ray.")
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a dead actor.")
     seed: int = Field(0, description="Engine seed (each actor adds its index).")
+    step_timeout_s: float = Field(
+        300.0, gt=0, description="Longest generate_step waits for one in-flight group before returning 0."
+    )
+    push_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Longest one push to a Ray buffer may take; a failed push is retried next step.",
+    )
     reward: RewardConfig = RewardConfig()
     weight_sync: WeightSyncConfig = WeightSyncConfig()
