@@ -28,6 +28,33 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_data(args: argparse.Namespace) -> int:
+    from driftrl.synthetic_task import ReversalSpec, make_dataset
+
+    # Unset knobs fall back to the task's own defaults, kept in one place (synthetic_task.py).
+    knobs = {k: getattr(args, k) for k in ("min_len", "max_len", "alphabet_size") if getattr(args, k) is not None}
+    sizes = {k: getattr(args, k) for k in ("n_train", "n_heldout") if getattr(args, k) is not None}
+    train, heldout = make_dataset(args.out, seed=args.seed, train_spec=ReversalSpec(**knobs), **sizes)
+    print(f"reversal task written: {train}, {heldout}")
+    return 0
+
+
+def _warm_start(args: argparse.Namespace) -> int:
+    from driftrl.config import load_config
+    from driftrl.warm_start import ensure_tiny_setup
+
+    cfg = load_config(args.config, args.overrides)
+    record = ensure_tiny_setup(cfg)
+    if record is None:
+        print(f"{cfg.model.path}: not a warm-started tiny model; nothing to do")
+        return 0
+    print(
+        f"warm start in {cfg.model.path}: held-out greedy accuracy {record['heldout_accuracy_before']:.3f} -> "
+        f"{record['heldout_accuracy_after']:.3f} after {record['steps']} steps ({record['train_seconds']:.0f} s)"
+    )
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from driftrl.pipeline import train_main
 
@@ -68,6 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="Output directory.")
     p.add_argument("--seed", type=int, default=0, help="Initialisation seed (same seed, same files).")
     p.set_defaults(handler=_make_tiny_model)
+
+    p = sub.add_parser("make-data", help="Write the synthetic reversal task (train + held-out parquet).")
+    p.add_argument("out", help="Output directory (train.parquet, heldout.parquet).")
+    p.add_argument("--seed", type=int, default=0, help="Data seed (same seed, same rows).")
+    p.add_argument("--n-train", type=int, default=None, help="Train rows (default 20000).")
+    p.add_argument("--n-heldout", type=int, default=None, help="Held-out rows, disjoint from train (default 512).")
+    p.add_argument("--min-len", type=int, default=None, help="Shortest string, a difficulty knob (default 3).")
+    p.add_argument("--max-len", type=int, default=None, help="Longest string, a difficulty knob (default 10).")
+    p.add_argument("--alphabet-size", type=int, default=None, help="Letters a..z used (default 26).")
+    p.set_defaults(handler=_make_data)
+
+    p = sub.add_parser(
+        "warm-start", help="Build the tiny default's data, model and supervised warm start if missing (cached)."
+    )
+    _add_config_args(p)
+    p.set_defaults(handler=_warm_start)
 
     p = sub.add_parser("check-config", help="Validate a config with overrides and print it resolved.")
     _add_config_args(p)

@@ -1,0 +1,108 @@
+"""Config loading fails early, with the dotted key and what is allowed, in Python and on the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from driftrl.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _error(path: str | Path | None, overrides: list[str] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "allowed"),
+    [
+        ("learner.clip.mu=0", "learner.clip.mu", "greater than 0"),
+        ("learner.clip.mu=-1.5", "learner.clip.mu", "greater than 0"),
+        ("rollout.temperature=0", "rollout.temperature", "greater than 0"),
+        ("learner.max_staleness=-1", "learner.max_staleness", "greater than or equal to 0"),
+        ("rollout.group_size=eight", "rollout.group_size", "valid integer"),
+        ("run.mode=sometimes", "run.mode", "'async' or 'sync'"),
+    ],
+)
+def test_bad_value_names_the_key_and_the_bound(override: str, key: str, allowed: str) -> None:
+    message = _error(None, [override])
+    assert f"{key}:" in message
+    assert allowed in message
+
+
+def test_unknown_key_in_a_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("learner:\n  lr: 1.0e-4\n  learning_rate: 1.0e-4\n")
+    message = _error(path)
+    assert "learner.learning_rate: unknown key" in message
+
+
+def test_wrong_type_in_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("rollout:\n  max_tokens: [16]\n")
+    message = _error(path)
+    assert "rollout.max_tokens:" in message and "valid integer" in message
+
+
+def test_bad_yaml_and_non_mapping(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learner:\n  lr: [1e-4\n")
+    assert "not valid YAML" in _error(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- learner\n- rollout\n")
+    assert "must be a mapping" in _error(listing)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert "does not exist" in _error(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("learner", "not of the form section.key=value"),
+        ("=3", "empty key"),
+        ("learner..lr=3", "empty key"),
+        ("learner.lr=[1", "not valid YAML"),
+        ("learner.lr.value=1", "learner.lr:"),
+    ],
+)
+def test_bad_override(override: str, fragment: str) -> None:
+    assert fragment in _error(None, [override])
+
+
+def test_overrides_apply_on_top_of_the_file() -> None:
+    cfg = load_config(REPO / "configs/tiny-cpu.yaml", ["learner.lr=3e-4", "rollout.group_size=4"])
+    assert cfg.learner.lr == 3e-4
+    assert cfg.rollout.group_size == 4
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "driftrl.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_check_config_exits_2_with_the_message() -> None:
+    proc = _cli("check-config", "--config", "configs/tiny-cpu.yaml", "learner.clip.mu=0")
+    assert proc.returncode == 2, proc.stderr
+    assert "learner.clip.mu: Input should be greater than 0" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_cli_check_config_missing_file_exits_2(tmp_path: Path) -> None:
+    proc = _cli("check-config", "--config", str(tmp_path / "none.yaml"))
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr
+
+
+def test_cli_check_config_prints_the_resolved_tiny_default() -> None:
+    proc = _cli("check-config", "--config", "configs/tiny-cpu.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "path: runs/tiny-model/warm" in proc.stdout
