@@ -44,7 +44,9 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _run_pass(path: str, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk: int) -> None:
+def _run_pass(
+    path: str, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk: int
+) -> None:
     hidden.grad = None
     weight.grad = None
     if path == "naive":

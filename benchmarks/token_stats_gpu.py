@@ -99,7 +99,9 @@ def _anchor_passes() -> dict[str, Pass | str]:
     return passes
 
 
-def _inputs(n: int, d: int, vocab_size: int, device: str, dtype: torch.dtype, seed: int = 0) -> tuple[Tensor, ...]:
+def _inputs(
+    n: int, d: int, vocab_size: int, device: str, dtype: torch.dtype, seed: int = 0
+) -> tuple[Tensor, ...]:
     """Hidden ``[N, d]``, weight ``[V, d]`` (logit std ~ 2), tokens ``[N]`` int64, advantages ``[N]``."""
     gen = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(n, d, device=device, generator=gen).to(dtype).requires_grad_()
@@ -159,14 +161,22 @@ def measure(method: str, fn: Pass, n: int, d: int, vocab_size: int, repeats_ms: 
     finally:
         hidden.grad = weight.grad = None
         torch.cuda.empty_cache()
-    return {"method": method, "n": n, "d": d, "ms": round(ms, 2), "peak_extra_gib": round(peak_extra / 2**30, 3)}
+    return {
+        "method": method,
+        "n": n,
+        "d": d,
+        "ms": round(ms, 2),
+        "peak_extra_gib": round(peak_extra / 2**30, 3),
+    }
 
 
 def _interpret_smoke() -> dict[str, float]:
     """:func:`correctness_check` on CPU, in a child with ``TRITON_INTERPRET=1`` set before triton loads."""
     code = "import json, benchmarks.token_stats_gpu as b; print(json.dumps(b.correctness_check('cpu', 37, 40, 203)))"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO_ROOT, check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -191,7 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--methods: unknown {unknown}; choose from {METHODS}")
 
-    summary: dict[str, object] = {"metric": "fused_token_stats_ms", "value": None, "goal": f"<= {TIME_GOAL_MS:g}"}
+    summary: dict[str, object] = {
+        "metric": "fused_token_stats_ms",
+        "value": None,
+        "goal": f"<= {TIME_GOAL_MS:g}",
+    }
     if not torch.cuda.is_available():
         print("no CUDA device: the GPU benchmark cannot run here (time and memory goals unverified)")
         summary["skipped"] = "no CUDA device"

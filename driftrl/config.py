@@ -79,7 +79,8 @@ class DriftConfig(StrictModel):
     metrics: MetricsConfig = MetricsConfig()
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``dotted = "a.b.c"``, creating sections as needed."""
     node = tree
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -146,7 +147,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         tree = loaded
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     if overrides:
         source += " + overrides"
     return config_from_dict(tree, source)
