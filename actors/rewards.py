@@ -3,13 +3,16 @@
 A reward function maps ``(response, answer) -> float``, where ``response`` is the decoded response
 (special tokens skipped) and ``answer`` the dataset's reference. The registry:
 
-* ``exact_match``: 1.0 when the whitespace-stripped response equals the stripped answer, else 0.0.
-* ``partial_match``: dense credit for a tiny policy. With ``r``, ``a`` the stripped strings,
+* ``exact_match``: 1.0 when :func:`driftrl.synthetic_task.is_correct` holds (today: the
+  whitespace-stripped response equals the stripped answer), else 0.0. The same function decides
+  held-out accuracy, so the training reward and the evaluation cannot disagree on a response.
+* ``partial_match``: dense credit for a tiny policy. With ``r``, ``a`` the normalised strings,
   ``score = #{i < min(|r|, |a|) : r[i] == a[i]} / max(|r|, |a|)`` and ``score = 1`` when both are
   empty. Position-wise, so a right prefix earns credit, and the denominator punishes a response
   that is too short or too long; 1.0 exactly when ``r == a``.
-* ``math``: ``math_verify.verify(parse(answer), parse(response))`` -> 1.0/0.0; parse extracts a
-  boxed or plain answer and verify accepts equivalent forms (``1/2``, ``0.5``, ``\\frac{1}{2}``).
+* ``math``: ``math_verify.verify(parse("$" + answer + "$"), parse(response))`` -> 1.0/0.0 (see
+  :func:`latex_reference`); parse extracts a boxed or plain answer from the response and verify
+  accepts equivalent forms (``1/2``, ``0.5``, ``\\frac{1}{2}``).
 * ``python``: a user function named by ``'package.module:function'``.
 
 Why a child process and not a thread: a thread past its deadline cannot be killed, so a reward
@@ -32,6 +35,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from actors.config import RewardConfig
+from driftrl.synthetic_task import is_correct, normalise_response
 
 RewardFn = Callable[[str, str], float]
 
@@ -41,13 +45,13 @@ STARTUP_TIMEOUT_S = 60.0
 
 
 def exact_match(response: str, answer: str) -> float:
-    """1.0 when the stripped response equals the stripped answer."""
-    return 1.0 if response.strip() == answer.strip() else 0.0
+    """1.0 when the synthetic task's held-out check accepts the response (same normalisation)."""
+    return 1.0 if is_correct(response, answer) else 0.0
 
 
 def partial_match(response: str, answer: str) -> float:
-    """Fraction of positions where the stripped strings agree, over the longer length (see module doc)."""
-    r, a = response.strip(), answer.strip()
+    """Fraction of positions where the normalised strings agree, over the longer length (see module doc)."""
+    r, a = normalise_response(response), normalise_response(answer)
     longest = max(len(r), len(a))
     if longest == 0:
         return 1.0
@@ -55,11 +59,26 @@ def partial_match(response: str, answer: str) -> float:
     return sum(x == y for x, y in zip(r, a, strict=False)) / longest
 
 
+def latex_reference(answer: str) -> str:
+    """The reference as math-verify should read it: ``$answer$`` unless already delimited or boxed.
+
+    References are mostly bare LaTeX (``5\\sqrt{2}``, ``\\frac{3}{8}``) or integers. Unwrapped, the
+    plain-expression parser stops at the first thing it cannot read, so ``5\\sqrt{2}`` becomes ``5`` and
+    ``\\boxed{5}`` then "matches" it; inside ``$...$`` the LaTeX parser reads the whole expression, and
+    integers, fractions and decimals parse the same either way. ``\\$18.90`` (an escaped dollar) is
+    bare LaTeX, not a delimiter.
+    """
+    text = answer.strip()
+    if text.startswith(("$", "\\(", "\\[")) or "\\boxed" in text:
+        return text
+    return f"${text}$"
+
+
 def math_equivalent(response: str, answer: str) -> float:
     """1.0 when math-verify finds the response's (boxed or plain) answer equivalent to the reference."""
     from math_verify import parse, verify
 
-    gold = parse(answer)
+    gold = parse(latex_reference(answer))
     pred = parse(response)
     if not gold or not pred:
         return 0.0
@@ -71,6 +90,11 @@ REWARDS: dict[str, RewardFn] = {
     "partial_match": partial_match,
     "math": math_equivalent,
 }
+
+# One known-good call per registry entry that imports lazily, made in the child before it says
+# ready: importing math-verify/sympy and building its LaTeX parser takes ~1-2 s, longer than a
+# per-call deadline of 1 s, so without it the first call after every child start would time out.
+WARM_UP_CALLS: dict[str, tuple[str, str]] = {"math": (r"\boxed{1}", "1")}
 
 
 def load_function(import_path: str) -> RewardFn:
@@ -100,6 +124,8 @@ def resolve_reward(cfg: RewardConfig) -> RewardFn:
 def _serve(cfg: RewardConfig, conn: Connection) -> None:
     """Child process: say ready, then score batches from ``conn``, one ``(status, value)`` per item."""
     fn = resolve_reward(cfg)
+    if cfg.type in WARM_UP_CALLS:
+        fn(*WARM_UP_CALLS[cfg.type])
     conn.send(("ready", None))
     while True:
         try:

@@ -8,12 +8,55 @@ import pytest
 
 from actors.config import RewardConfig
 from actors.rewards import REWARDS, RewardScorer, exact_match, load_function, partial_match, resolve_reward
+from driftrl.synthetic_task import is_correct
 
 
 def test_exact_match_strips_whitespace() -> None:
     assert exact_match(" cba\n", "cba") == 1.0
     assert exact_match("cb a", "cba") == 0.0
     assert exact_match("", "cba") == 0.0
+
+
+# Decoded responses of the reversal task against the answer "cba", with the held-out verdict worked
+# by hand: only surrounding whitespace is forgiven; EOS text that was not skipped, inner spaces,
+# case and extra letters are wrong.
+HELDOUT_VERDICTS = [
+    ("cba", True),
+    ("cba ", True),
+    ("cba\n", True),
+    ("\tcba\r\n", True),
+    ("  cba  \n\n", True),
+    ("cba</s>", False),
+    ("cba </s>", False),
+    ("cba\n</s>", False),
+    ("<s>cba", False),
+    ("c ba", False),
+    ("CBA", False),
+    ("cbaa", False),
+    ("cb", False),
+    ("abc", False),
+    ("", False),
+    ("   ", False),
+]
+
+
+@pytest.mark.parametrize(("response", "correct"), HELDOUT_VERDICTS)
+def test_exact_match_reward_agrees_with_heldout_accuracy(response: str, correct: bool) -> None:
+    # Training reward and held-out accuracy (driftrl.synthetic_task.is_correct) must judge every
+    # response alike, or RL optimises something the held-out number does not measure.
+    assert is_correct(response, "cba") is correct
+    assert exact_match(response, "cba") == float(correct)
+    # the dense reward reaches its maximum exactly on the responses held-out counts as correct
+    assert (partial_match(response, "cba") == 1.0) is correct
+
+
+def test_exact_match_in_the_scorer_child_agrees_with_heldout_accuracy() -> None:
+    scorer = RewardScorer(RewardConfig(type="exact_match", timeout_s=10))
+    try:
+        rewards = scorer.score([r for r, _ in HELDOUT_VERDICTS], ["cba"] * len(HELDOUT_VERDICTS))
+    finally:
+        scorer.close()
+    assert rewards == [float(correct) for _, correct in HELDOUT_VERDICTS]
 
 
 @pytest.mark.parametrize(

@@ -13,15 +13,7 @@ import time
 import pytest
 
 from actors.config import RewardConfig
-from actors.rewards import RewardScorer, math_equivalent
-
-# Cases whose reference answer is bare LaTeX with a radical or a constant. Today's reward parses
-# the reference without delimiters, so "5\sqrt{2}" becomes 5 and "9\pi" becomes 9: right answers
-# score 0 and "\boxed{5}" scores 1 against "5\sqrt{2}". Parsing the reference as "$" + answer + "$"
-# fixes all of them; strict xfail makes the fix visible (these then XPASS and must be unmarked).
-BARE_LATEX_GOLD = pytest.mark.xfail(
-    strict=True, reason="actors/rewards.py parses a bare-LaTeX reference without delimiters (5\\sqrt{2} -> 5)"
-)
+from actors.rewards import RewardScorer, latex_reference, math_equivalent
 
 CASES = [
     # equivalent fractions
@@ -30,20 +22,28 @@ CASES = [
     pytest.param(r"\boxed{0.375}", r"\frac{3}{8}", 1.0, id="frac-decimal"),
     pytest.param(r"\boxed{\dfrac{2}{3}}", r"\frac{2}{3}", 1.0, id="dfrac"),
     pytest.param(r"\boxed{\frac{3}{7}}", r"\frac{3}{8}", 0.0, id="frac-wrong"),
-    # equivalent radicals: sqrt(50) = 5 sqrt(2) = 10 / sqrt(2)
-    pytest.param(
-        r"so $\boxed{\sqrt{50}}$", r"5\sqrt{2}", 1.0, id="radical-unsimplified", marks=BARE_LATEX_GOLD
-    ),
-    pytest.param(
-        r"\boxed{\frac{10}{\sqrt{2}}}", r"5\sqrt{2}", 1.0, id="radical-in-denominator", marks=BARE_LATEX_GOLD
-    ),
-    pytest.param(r"\boxed{5\sqrt{2}}", r"5\sqrt{2}", 1.0, id="radical-same", marks=BARE_LATEX_GOLD),
-    pytest.param(r"\boxed{5}", r"5\sqrt{2}", 0.0, id="radical-dropped", marks=BARE_LATEX_GOLD),
+    # equivalent radicals: sqrt(50) = 5 sqrt(2) = 10 / sqrt(2). A bare-LaTeX reference parsed
+    # without "$...$" reads "5\sqrt{2}" as 5 and "9\pi" as 9 (right answers 0, "\boxed{5}" 1); these
+    # cases pin the wrapping in actors.rewards.latex_reference.
+    pytest.param(r"so $\boxed{\sqrt{50}}$", r"5\sqrt{2}", 1.0, id="radical-unsimplified"),
+    pytest.param(r"\boxed{\frac{10}{\sqrt{2}}}", r"5\sqrt{2}", 1.0, id="radical-in-denominator"),
+    pytest.param(r"\boxed{5\sqrt{2}}", r"5\sqrt{2}", 1.0, id="radical-same"),
+    pytest.param(r"\boxed{5}", r"5\sqrt{2}", 0.0, id="radical-dropped"),
     # 7.07 != 5 sqrt(2) = 7.0710678...: an approximation is not the answer
     pytest.param(r"\boxed{7.07}", r"5\sqrt{2}", 0.0, id="radical-approximation"),
-    pytest.param(r"\boxed{9\pi}", r"9\pi", 1.0, id="pi-same", marks=BARE_LATEX_GOLD),
-    # references with delimiters already parse as LaTeX
+    pytest.param(r"\boxed{9\pi}", r"9\pi", 1.0, id="pi-same"),
+    # other bare-LaTeX references the plain-expression parser misreads: a polynomial (no parse at
+    # all), an escaped dollar (no parse), an interval (read as its right endpoint 3)
+    pytest.param(r"\boxed{1+x^2}", "x^2+1", 1.0, id="polynomial-reordered"),
+    pytest.param(r"\boxed{x^2}", "x^2+1", 0.0, id="polynomial-wrong"),
+    pytest.param(r"\boxed{18.9}", r"\$18.90", 1.0, id="escaped-dollar"),
+    pytest.param(r"\boxed{[-2,3)}", "[-2, 3)", 1.0, id="interval-same"),
+    pytest.param(r"\boxed{[-2,3]}", "[-2, 3)", 0.0, id="interval-closed-vs-half-open"),
+    pytest.param(r"\boxed{3}", "[-2, 3)", 0.0, id="interval-endpoint-only"),
+    # references with delimiters or a box already parse as LaTeX and are not wrapped again
     pytest.param(r"\boxed{\sqrt{50}}", r"$5\sqrt{2}$", 1.0, id="radical-delimited-gold"),
+    pytest.param(r"\boxed{\sqrt{50}}", r"\(5\sqrt{2}\)", 1.0, id="radical-paren-delimited-gold"),
+    pytest.param(r"\boxed{\sqrt{50}}", r"\boxed{5\sqrt{2}}", 1.0, id="radical-boxed-gold"),
     # boxed vs plain
     pytest.param(r"\boxed{42}", "42", 1.0, id="boxed-int"),
     pytest.param("The answer is 42", "42", 1.0, id="plain-int"),
@@ -66,6 +66,22 @@ CASES = [
 @pytest.mark.parametrize(("response", "answer", "expected"), CASES)
 def test_math_reward_table(response: str, answer: str, expected: float) -> None:
     assert math_equivalent(response, answer) == expected
+
+
+@pytest.mark.parametrize(
+    ("answer", "parsed"),
+    [
+        (r"5\sqrt{2}", r"$5\sqrt{2}$"),
+        (" 42\n", "$42$"),
+        (r"\$18.90", r"$\$18.90$"),  # an escaped dollar is content, not a delimiter
+        (r"$5\sqrt{2}$", r"$5\sqrt{2}$"),
+        (r"\(5\sqrt{2}\)", r"\(5\sqrt{2}\)"),
+        (r"\[5\sqrt{2}\]", r"\[5\sqrt{2}\]"),
+        (r"\boxed{5\sqrt{2}}", r"\boxed{5\sqrt{2}}"),
+    ],
+)
+def test_reference_is_wrapped_in_dollars_only_when_bare(answer: str, parsed: str) -> None:
+    assert latex_reference(answer) == parsed
 
 
 def test_huge_output_is_scored_by_its_final_answer() -> None:
