@@ -9,10 +9,10 @@ and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from actors.config import RolloutConfig
 from buffers.config import BufferConfig
@@ -106,12 +106,33 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config models an annotation can hold (``X``, ``X | None``, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in _models_in(arg)]
+
+
+def _section_keys(section: tuple[str | int, ...]) -> list[str] | None:
+    """Sorted keys of the config section at ``section`` (``()`` = the top level); None if not one model."""
+    model: type[BaseModel] = DriftConfig
+    for part in section:
+        field = model.model_fields.get(str(part))
+        models = _models_in(field.annotation) if field is not None else []
+        if len(models) != 1:
+            return None
+        model = models[0]
+    return sorted(model.model_fields)
+
+
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key")
+            # a misspelt key is fixed fastest by seeing the spellings its section accepts
+            allowed = _section_keys(e["loc"][:-1])
+            lines.append(f"{where}: unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else ""))
         else:
             given = e.get("input")
             shown = "" if isinstance(given, dict) else f" (got {given!r})"
