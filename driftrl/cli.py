@@ -29,12 +29,17 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _make_data(args: argparse.Namespace) -> int:
-    from driftrl.synthetic_task import ReversalSpec, make_dataset
+    from driftrl.synthetic_task import ReversalSpec, TaskSpecError, make_dataset
 
-    # Unset knobs fall back to the task's own defaults, kept in one place (synthetic_task.py).
+    # Unset knobs fall back to the task's own defaults, kept in one place (synthetic_task.py), which
+    # also owns their ranges: a bad knob is refused there, before a file is written.
     knobs = {k: getattr(args, k) for k in ("min_len", "max_len", "alphabet_size") if getattr(args, k) is not None}
     sizes = {k: getattr(args, k) for k in ("n_train", "n_heldout") if getattr(args, k) is not None}
-    train, heldout = make_dataset(args.out, seed=args.seed, train_spec=ReversalSpec(**knobs), **sizes)
+    try:
+        train, heldout = make_dataset(args.out, seed=args.seed, train_spec=ReversalSpec(**knobs), **sizes)
+    except TaskSpecError as err:
+        print(f"driftrl make-data: error: {err}", file=sys.stderr)
+        return 2
     print(f"reversal task written: {train}, {heldout}")
     return 0
 

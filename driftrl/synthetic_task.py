@@ -26,6 +26,10 @@ DEFAULT_TRAIN_ROWS = 20_000
 DEFAULT_HELDOUT_ROWS = 512
 
 
+class TaskSpecError(ValueError):
+    """A difficulty knob or split size is out of range; the message names it and the allowed range."""
+
+
 @dataclass(frozen=True)
 class ReversalSpec:
     """Which strings a split holds.
@@ -42,10 +46,16 @@ class ReversalSpec:
     alphabet_size: int = 26
 
     def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            # bool is an int; a float length would only fail later, inside random.randint
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TaskSpecError(f"{name} must be an integer, got {value!r}")
         if not 1 <= self.min_len <= self.max_len:
-            raise ValueError(f"need 1 <= min_len <= max_len, got {self.min_len}..{self.max_len}")
+            raise TaskSpecError(
+                f"need 1 <= min_len <= max_len, got min_len={self.min_len}, max_len={self.max_len}"
+            )
         if not 2 <= self.alphabet_size <= 26:
-            raise ValueError(f"alphabet_size must be in 2..26, got {self.alphabet_size}")
+            raise TaskSpecError(f"alphabet_size must be in 2..26, got {self.alphabet_size}")
 
     @property
     def letters(self) -> str:
@@ -86,9 +96,15 @@ def is_correct(response_text: str, answer: str) -> bool:
     return normalise_response(response_text) == normalise_response(answer)
 
 
+def _check_row_counts(n_train: int, n_heldout: int, least: int) -> None:
+    for name, n in (("n_train", n_train), ("n_heldout", n_heldout)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < least:
+            raise TaskSpecError(f"{name} must be an integer >= {least}, got {n!r}")
+
+
 def _draw_strings(rng: random.Random, spec: ReversalSpec, n: int, exclude: set[str]) -> list[str]:
     if n > spec.capacity() - len(exclude):
-        raise ValueError(f"{spec} holds {spec.capacity()} distinct strings, cannot draw {n} new ones")
+        raise TaskSpecError(f"{spec} holds {spec.capacity()} distinct strings, cannot draw {n} new ones")
     drawn: list[str] = []
     seen = set(exclude)
     # Rejection sampling is fine: the defaults hold ~1.5e14 strings and we draw thousands.
@@ -121,6 +137,7 @@ def make_rows(
     Held-out strings are drawn first and excluded from the train draw, so the splits are disjoint
     whatever the two specs are.
     """
+    _check_row_counts(n_train, n_heldout, least=0)
     rng = random.Random(seed)
     heldout = _draw_strings(rng, heldout_spec, n_heldout, exclude=set())
     train = _draw_strings(rng, train_spec, n_train, exclude=set(heldout))
@@ -160,6 +177,8 @@ def write_dataset(
     """
     from datasets import Dataset
 
+    # parquet of no rows has no columns either, so an empty split would fail only when a run reads it
+    _check_row_counts(n_train, n_heldout, least=1)
     train_spec = train_spec or ReversalSpec()
     heldout_spec = heldout_spec or train_spec
     train_rows, heldout_rows = make_rows(seed, n_train, n_heldout, train_spec, heldout_spec)
