@@ -3,7 +3,13 @@
 Actors report plain dicts of numbers with each push/step result (DESIGN.md "Metrics"); the driver
 keeps the latest snapshot per component in a :class:`RunTelemetry` and a custom collector renders
 those snapshots at scrape time. That keeps one metrics server per run (no per-actor ports in local
-mode) and lets cumulative counters from restarted actors be shown as the driver's running totals.
+mode). Cumulative counters of a restarted actor start again from zero, which Prometheus' ``rate``
+treats as a counter reset.
+
+The learner's snapshot is the raw :meth:`learner.engine.Learner.train_step` dict
+(``driftrl_learner_*`` keys, :data:`learner.losses.METRIC_REDUCTIONS` and
+:data:`learner.engine.LEARNER_METRIC_REDUCTIONS`); keys a loss type does not produce, and NaN
+values (the grad norm and loss of a skipped step), are simply not exported.
 
 Names follow ``driftrl_<component>_<quantity>[_unit]``; the headline policy entropy is
 ``driftrl_entropy`` so dashboards and alerts can name it without knowing the component layout.
@@ -15,47 +21,262 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-# (metric name, help, key in the learner's per-step metric dict)
-LEARNER_GAUGES: tuple[tuple[str, str, str], ...] = (
-    ("driftrl_entropy", "Mean token entropy H of the current policy on the last training batch (nats).", "entropy_mean"),
-    ("driftrl_learner_step", "Optimizer steps taken.", "step"),
-    ("driftrl_policy_version", "Policy version last published to the rollout actors.", "policy_version"),
-    ("driftrl_learner_loss", "Surrogate loss of the last step.", "loss"),
-    ("driftrl_learner_grad_norm", "Gradient norm of the last step before clipping.", "grad_norm"),
-    ("driftrl_learner_lr", "Learning rate of the last step.", "lr"),
-    (
-        "driftrl_entropy_delta_predicted",
-        "First-order predicted entropy change of the last step, -sum(r*A*Sc)/|T| (ALGORITHM.md §2).",
-        "predicted_delta_entropy",
+from driftrl.report import learner_row
+
+
+@dataclass(frozen=True)
+class Export:
+    """One exported metric family: a sample per ``(label values, snapshot key)`` present.
+
+    Attributes:
+        name: family name; a counter's ``_total`` suffix is added by the text format.
+        help: the HELP line.
+        samples: ``(label values, key in the component's snapshot)`` pairs.
+        labels: label names of ``samples`` (after any per-component label such as ``actor``).
+        counter: a cumulative count (``rate()``-able) rather than a gauge.
+    """
+
+    name: str
+    help: str
+    samples: tuple[tuple[tuple[str, ...], str], ...]
+    labels: tuple[str, ...] = ()
+    counter: bool = False
+
+
+def scalar(name: str, help_text: str, key: str, counter: bool = False) -> Export:
+    """An unlabelled :class:`Export` of one snapshot key."""
+    return Export(name, help_text, (((), key),), counter=counter)
+
+
+# keys are those of Learner.train_step without the driftrl_learner_ prefix (learner/losses.py
+# METRIC_REDUCTIONS, learner/engine.py LEARNER_METRIC_REDUCTIONS and Learner._host_metrics)
+LEARNER_EXPORTS: tuple[Export, ...] = (
+    scalar(
+        "driftrl_entropy",
+        "Mean token entropy H of the current policy on the last training batch (nats).",
+        "entropy_mean",
     ),
-    ("driftrl_learner_cov_adv_rsc", "Batch covariance Cov(A, r*Sc); negative = entropy collapse pressure.", "cov_adv_r_sc"),
-    ("driftrl_learner_ratio_mean", "Mean importance ratio current/behaviour over valid tokens.", "ratio_mean"),
-    ("driftrl_learner_ratio_max", "Max importance ratio over valid tokens.", "ratio_max"),
-    ("driftrl_learner_ratio_clipped_fraction", "Fraction of tokens whose PPO ratio was clipped.", "clip_fraction"),
-    ("driftrl_learner_ratio_truncated_fraction", "Fraction of tokens whose importance weight was truncated.", "truncated_fraction"),
-    ("driftrl_learner_reward_mean", "Mean reward of the trained batch.", "reward_mean"),
-    ("driftrl_learner_response_length_tokens", "Mean response length of the trained batch.", "response_length_mean"),
-    ("driftrl_learner_tokens_per_second", "Training throughput (response tokens per second).", "tokens_per_s"),
-    ("driftrl_learner_zero_variance_group_fraction", "Groups whose rewards were all equal (no signal).", "zero_variance_group_fraction"),
+    scalar(
+        "driftrl_entropy_delta_predicted",
+        "First-order entropy change of the last step per unit step size, -sum(r*A*Sc)/|T| (ALGORITHM.md §2).",
+        "predicted_entropy_change",
+    ),
+    scalar(
+        "driftrl_learner_cov_adv_weighted_s_centered",
+        "Batch covariance Cov(A, r*Sc); negative = pressure towards entropy collapse.",
+        "cov_adv_weighted_s_centered",
+    ),
+    Export(
+        "driftrl_learner_score",
+        "Mean and population std over the batch's tokens of S*, E_p[S], Sc = S* - E_p[S] and r*Sc.",
+        tuple(
+            ((stat, moment), f"{prefix}_{moment}")
+            for stat, prefix in (
+                ("s_star", "s_star"),
+                ("s_expect", "s_expect"),
+                ("s_centered", "s_centered"),
+                ("r_s_centered", "weighted_s_centered"),
+            )
+            for moment in ("mean", "std")
+        ),
+        labels=("stat", "moment"),
+    ),
+    Export(
+        "driftrl_learner_mask_fraction",
+        "Fraction of valid tokens dropped by the entropy clip mask: all, among A > 0, among A < 0.",
+        (
+            (("all",), "clip_dropped_frac"),
+            (("pos",), "clip_dropped_frac_pos_adv"),
+            (("neg",), "clip_dropped_frac_neg_adv"),
+        ),
+        labels=("sign",),
+    ),
+    Export(
+        "driftrl_learner_clip_threshold",
+        "Entropy clip thresholds of the last step: centre, bound (mu*sigma) and the capped cutoff.",
+        ((("center",), "clip_center"), (("bound",), "clip_bound"), (("cutoff",), "clip_cutoff")),
+        labels=("threshold",),
+    ),
+    scalar(
+        "driftrl_learner_ratio_mean",
+        "Mean importance ratio current/behaviour over the loss tokens.",
+        "ratio_mean",
+    ),
+    scalar(
+        "driftrl_learner_ratio_max",
+        "Max importance ratio current/behaviour over the loss tokens.",
+        "ratio_max",
+    ),
+    scalar(
+        "driftrl_learner_ratio_clipped_fraction",
+        "Fraction of loss tokens whose PPO ratio was clipped.",
+        "clipped_frac",
+    ),
+    scalar(
+        "driftrl_learner_ratio_dual_clipped_fraction",
+        "Fraction of loss tokens capped by the dual clip.",
+        "dual_clipped_frac",
+    ),
+    scalar(
+        "driftrl_learner_ratio_truncated_fraction",
+        "Fraction of loss tokens whose importance weight was truncated at C.",
+        "truncated_frac",
+    ),
+    scalar("driftrl_learner_loss", "Total loss of the last step.", "loss"),
+    scalar("driftrl_learner_pg_loss", "Policy-gradient part of the last step's loss.", "pg_loss"),
+    scalar(
+        "driftrl_learner_loss_tokens", "Tokens in the last step's loss (after the clip mask).", "loss_tokens"
+    ),
+    scalar("driftrl_learner_empty_batch", "1 when the last step had no loss tokens.", "empty_batch"),
+    scalar(
+        "driftrl_learner_entropy_bonus",
+        "Entropy-bonus term of the last step (nats; entropy_coef > 0).",
+        "entropy_bonus",
+    ),
+    scalar(
+        "driftrl_learner_cov_selected_fraction",
+        "Fraction of tokens selected by Clip-Cov / KL-Cov.",
+        "cov_selected_frac",
+    ),
+    scalar(
+        "driftrl_learner_kl_cov_penalty", "Mean KL-Cov penalty over the selected tokens.", "kl_cov_penalty"
+    ),
+    scalar(
+        "driftrl_learner_zero_variance_group_fraction",
+        "Fraction of the step's groups whose rewards were all equal (zero advantage, no signal).",
+        "grpo_zero_variance_frac",
+    ),
+    scalar("driftrl_learner_reward_mean", "Mean reward of the trained batch.", "reward_mean"),
+    scalar(
+        "driftrl_learner_response_length_tokens",
+        "Mean response length of the trained batch.",
+        "response_length_mean",
+    ),
+    scalar("driftrl_learner_batch_groups", "Groups (prompts) in the trained batch.", "groups"),
+    scalar("driftrl_learner_batch_responses", "Responses in the trained batch.", "responses"),
+    scalar(
+        "driftrl_learner_staleness_mean_versions", "Mean staleness of the trained batch.", "staleness_mean"
+    ),
+    scalar("driftrl_learner_staleness_max_versions", "Max staleness of the trained batch.", "staleness_max"),
+    scalar("driftrl_learner_train_tokens", "Valid response tokens of the last step.", "train_tokens"),
+    scalar(
+        "driftrl_learner_nonfinite_tokens",
+        "Tokens with a non-finite forward pass in the last step.",
+        "nonfinite_tokens",
+    ),
+    scalar(
+        "driftrl_learner_train_tokens_per_second",
+        "Training throughput (valid response tokens per second).",
+        "train_tokens_per_s",
+    ),
+    scalar("driftrl_learner_step_seconds", "Wall time of the last train_step.", "step_seconds"),
+    scalar(
+        "driftrl_learner_grad_norm",
+        "Global gradient norm of the last step (absent when skipped).",
+        "grad_norm",
+    ),
+    scalar("driftrl_learner_lr", "Learning rate of the last step.", "lr"),
+    scalar(
+        "driftrl_learner_step_skipped",
+        "1 when the last step was skipped (non-finite loss or gradient).",
+        "step_skipped",
+    ),
+    scalar(
+        "driftrl_learner_skipped_steps",
+        "Steps skipped since the run started.",
+        "skipped_steps_total",
+        counter=True,
+    ),
+    scalar("driftrl_learner_step", "Optimizer steps taken, skipped ones included.", "step"),
+    scalar("driftrl_policy_version", "Version of the weights the learner last published.", "policy_version"),
 )
-# (stat label, key prefix): exported as driftrl_learner_score{stat, moment}
-SCORE_STATS: tuple[tuple[str, str], ...] = (
-    ("s_star", "s_star"),
-    ("s_expect", "s_expect"),
-    ("s_centered", "s_centered"),
-    ("r_s_centered", "r_s_centered"),
+PROBE_EXPORTS: tuple[Export, ...] = (
+    scalar("driftrl_entropy_probe", "Mean token entropy on the fixed probe set (nats).", "entropy"),
+    scalar(
+        "driftrl_entropy_delta_realised",
+        "Realised entropy change on the probe set between the last two weight syncs (nats).",
+        "delta_realised",
+    ),
 )
-MASK_SIGNS: tuple[tuple[str, str], ...] = (("all", "mask_drop_frac"), ("pos", "mask_drop_frac_pos"), ("neg", "mask_drop_frac_neg"))
+# keys of actors/rollout.py RolloutWorker.stats(); rendered with an `actor` label
+ROLLOUT_EXPORTS: tuple[Export, ...] = (
+    scalar("driftrl_rollout_tokens_per_second", "Generation throughput while generating.", "tokens_per_s"),
+    scalar("driftrl_rollout_tokens", "Response tokens generated.", "tokens_generated", counter=True),
+    scalar("driftrl_rollout_reward_mean", "Mean reward of all responses scored by the actor.", "reward_mean"),
+    scalar(
+        "driftrl_rollout_reward_errors", "Reward calls that raised (scored 0).", "reward_errors", counter=True
+    ),
+    scalar(
+        "driftrl_rollout_reward_timeouts",
+        "Reward calls that timed out (scored 0).",
+        "reward_timeouts",
+        counter=True,
+    ),
+    scalar("driftrl_rollout_weight_version", "Weight version loaded by the actor.", "weight_version"),
+    scalar("driftrl_rollout_weight_syncs", "Weight versions loaded.", "syncs", counter=True),
+    scalar(
+        "driftrl_rollout_weight_sync_seconds",
+        "Time spent loading weights.",
+        "sync_seconds_total",
+        counter=True,
+    ),
+    scalar(
+        "driftrl_rollout_weight_sync_last_seconds", "Time the last weight load took.", "last_sync_seconds"
+    ),
+    scalar(
+        "driftrl_rollout_push_failures",
+        "Pushes to the replay buffer that failed.",
+        "push_failures",
+        counter=True,
+    ),
+    scalar("driftrl_rollout_engine_errors", "vLLM generation errors.", "engine_errors", counter=True),
+    scalar("driftrl_rollout_in_flight_groups", "Groups being generated.", "in_flight_groups"),
+    scalar(
+        "driftrl_rollout_accepted_groups",
+        "Groups the buffer accepted from the actor.",
+        "accepted_groups",
+        counter=True,
+    ),
+)
+# keys of buffers/replay.py ReplayBuffer.stats() (rows throughout: pushed = accepted + rejected,
+# accepted = available + leased + acked + evicted); `rejected`/`evicted` reason dicts are added per scrape
+BUFFER_EXPORTS: tuple[Export, ...] = (
+    Export(
+        "driftrl_buffer_rows",
+        "Rows in the replay buffer by state.",
+        ((("available",), "rows_available"), (("leased",), "rows_leased")),
+        labels=("state",),
+    ),
+    Export(
+        "driftrl_buffer_groups",
+        "Groups in the replay buffer by state.",
+        ((("available",), "groups_available"), (("leased",), "groups_leased")),
+        labels=("state",),
+    ),
+    scalar("driftrl_buffer_capacity_groups", "Groups the buffer holds at most.", "capacity_groups"),
+    scalar("driftrl_buffer_held_bytes", "Bytes of rows held in memory.", "bytes_held"),
+    scalar("driftrl_buffer_pushed_rows", "Rows pushed to the buffer.", "pushed", counter=True),
+    scalar("driftrl_buffer_accepted_rows", "Rows the buffer accepted.", "accepted", counter=True),
+    scalar("driftrl_buffer_sampled_rows", "Rows leased to the learner.", "sampled", counter=True),
+    scalar("driftrl_buffer_acked_rows", "Rows acknowledged by the learner.", "acked", counter=True),
+    scalar(
+        "driftrl_buffer_requeued_rows", "Leased rows put back for another learner.", "requeued", counter=True
+    ),
+    scalar(
+        "driftrl_buffer_lease_expired", "Leases that expired unacknowledged.", "lease_expired", counter=True
+    ),
+)
 STALENESS_BUCKETS: tuple[float, ...] = (0, 1, 2, 3, 4, 6, 8, 16)
 SYNC_SECONDS_BUCKETS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+STALENESS_COUNT_KEY = "staleness_count_"
 
 
 @dataclass
@@ -80,6 +301,23 @@ class _Histogram:
         return out + [("+Inf", self.n)]
 
 
+def staleness_counts(row: Mapping[str, float]) -> dict[int, float]:
+    """Rows per staleness from a learner row's ``staleness_count_<k>`` / ``staleness_count_over``.
+
+    The learner bins ``0..max_staleness`` and one bin for anything older; that one is placed at
+    the largest ``k`` plus one, i.e. ``max_staleness + 1``.
+    """
+    numbered = {
+        int(key.removeprefix(STALENESS_COUNT_KEY)): value
+        for key, value in row.items()
+        if key.startswith(STALENESS_COUNT_KEY) and key.removeprefix(STALENESS_COUNT_KEY).isdigit()
+    }
+    over = row.get(f"{STALENESS_COUNT_KEY}over")
+    if over is not None:
+        numbered[max(numbered, default=-1) + 1] = over
+    return numbered
+
+
 class RunTelemetry(Collector):
     """Latest numbers of every component, rendered as Prometheus metric families on scrape."""
 
@@ -97,19 +335,28 @@ class RunTelemetry(Collector):
 
     # -- updates from the driver loop -------------------------------------------------------
     def record_learner(self, metrics: Mapping[str, float]) -> None:
+        """Take one ``Learner.train_step`` result (prefixed or not) as the learner's snapshot.
+
+        The snapshot is replaced, not merged, so a value the last step did not produce (the grad
+        norm of a skipped step is NaN) is not shown from an older step. Its staleness counts are
+        added to the staleness histogram.
+        """
+        row = {key: value for key, value in learner_row(metrics).items() if math.isfinite(value)}
+        self.observe_staleness(staleness_counts(row))
         with self._lock:
-            self.learner.update({k: float(v) for k, v in metrics.items() if _is_number(v)})
+            self.learner = row
             self.heartbeats["learner"] = time.time()
 
     def record_probe(self, entropy: float, delta_realised: float | None) -> None:
+        """Probe-set entropy after a sync and its change since the previous one (None/NaN: none yet)."""
         with self._lock:
-            self.probe["entropy"] = entropy
-            if delta_realised is not None:
-                self.probe["delta_realised"] = delta_realised
+            self.probe.update(
+                {k: v for k, v in (("entropy", entropy), ("delta_realised", delta_realised)) if _is_number(v)}
+            )
 
-    def record_rollout(self, actor_id: str, stats: Mapping[str, float]) -> None:
+    def record_rollout(self, actor_id: str, stats: Mapping[str, object]) -> None:
         with self._lock:
-            self.rollout[actor_id] = {k: float(v) for k, v in stats.items() if _is_number(v)}
+            self.rollout[actor_id] = _flatten(stats)
             self.heartbeats[f"rollout/{actor_id}"] = time.time()
 
     def record_buffer(self, stats: Mapping[str, object]) -> None:
@@ -117,7 +364,7 @@ class RunTelemetry(Collector):
             self.buffer = _flatten(stats)
             self.heartbeats["buffer"] = time.time()
 
-    def observe_staleness(self, staleness_counts: Mapping[int, int]) -> None:
+    def observe_staleness(self, staleness_counts: Mapping[int, float]) -> None:
         with self._lock:
             for value, count in staleness_counts.items():
                 self.staleness.observe(float(value), float(count))
@@ -127,6 +374,7 @@ class RunTelemetry(Collector):
             self.sync_seconds.observe(seconds)
 
     def count(self, name: str, amount: float = 1.0) -> None:
+        """Add to the driver counter ``driftrl_<name>`` (a trailing ``_total`` is the format's own)."""
         with self._lock:
             self.counters[name] = self.counters.get(name, 0.0) + amount
 
@@ -138,87 +386,67 @@ class RunTelemetry(Collector):
         return {"ok": not stale, "heartbeat_age_s": ages, "stale": stale}
 
     # -- rendering --------------------------------------------------------------------------
-    def collect(self) -> Iterable:  # noqa: C901 - one flat list of families reads best
+    def collect(self) -> Iterable[Metric]:
         with self._lock:
-            learner, probe, rollout, buffer = dict(self.learner), dict(self.probe), dict(self.rollout), dict(self.buffer)
-            counters = dict(self.counters)
-            staleness, sync = self.staleness, self.sync_seconds
-            stale_buckets, stale_sum = staleness.buckets(), staleness.total
-            sync_buckets, sync_sum = sync.buckets(), sync.total
+            learner, probe = dict(self.learner), dict(self.probe)
+            buffer, counters = dict(self.buffer), dict(self.counters)
+            rollout = {(actor_id,): dict(stats) for actor_id, stats in sorted(self.rollout.items())}
+            stale_buckets, stale_sum = self.staleness.buckets(), self.staleness.total
+            sync_buckets, sync_sum = self.sync_seconds.buckets(), self.sync_seconds.total
 
-        for name, help_text, key in LEARNER_GAUGES:
-            if key in learner:
-                yield GaugeMetricFamily(name, help_text, value=learner[key])
-        scores = GaugeMetricFamily(
-            "driftrl_learner_score", "Moments of S*, E_p[S], Sc = S*-E_p[S] and r*Sc over the batch's tokens.",
-            labels=["stat", "moment"],
-        )
-        for stat, prefix in SCORE_STATS:
-            for moment in ("mean", "std"):
-                key = f"{prefix}_{moment}"
-                if key in learner:
-                    scores.add_metric([stat, moment], learner[key])
-        yield scores
-        masks = GaugeMetricFamily(
-            "driftrl_learner_mask_fraction", "Fraction of valid tokens dropped by the entropy clip mask.",
-            labels=["sign"],
-        )
-        for sign, key in MASK_SIGNS:
-            if key in learner:
-                masks.add_metric([sign], learner[key])
-        yield masks
-        if "entropy" in probe:
-            yield GaugeMetricFamily("driftrl_entropy_probe", "Mean token entropy on the fixed probe set.", value=probe["entropy"])
-        if "delta_realised" in probe:
-            yield GaugeMetricFamily(
-                "driftrl_entropy_delta_realised",
-                "Realised entropy change on the probe set between the last two weight syncs.",
-                value=probe["delta_realised"],
+        yield from _render(LEARNER_EXPORTS, {(): learner})
+        yield from _render(PROBE_EXPORTS, {(): probe})
+        yield from _render(ROLLOUT_EXPORTS, rollout, ("actor",))
+        reasons = [
+            Export(
+                f"driftrl_buffer_{kind}_rows",
+                f"Rows {kind} by the buffer, by reason.",
+                tuple(
+                    ((key.removeprefix(f"{kind}."),), key)
+                    for key in sorted(buffer)
+                    if key.startswith(f"{kind}.")
+                ),
+                labels=("reason",),
+                counter=True,
             )
-
-        tokens_per_s = GaugeMetricFamily(
-            "driftrl_rollout_tokens_per_second", "Generation throughput per rollout actor.", labels=["actor"]
-        )
-        generated = CounterMetricFamily("driftrl_rollout_tokens", "Response tokens generated.", labels=["actor"])
-        reward_errors = CounterMetricFamily(
-            "driftrl_rollout_reward_errors", "Reward calls that raised or timed out (scored 0).", labels=["actor"]
-        )
-        reward = GaugeMetricFamily("driftrl_rollout_reward_mean", "Mean reward of generated responses.", labels=["actor"])
-        version = GaugeMetricFamily("driftrl_rollout_weight_version", "Weight version loaded by the actor.", labels=["actor"])
-        for actor_id, stats in sorted(rollout.items()):
-            _maybe_add(tokens_per_s, [actor_id], stats.get("tokens_per_s"))
-            _maybe_add(generated, [actor_id], stats.get("tokens_generated"))
-            _maybe_add(reward_errors, [actor_id], _sum_keys(stats, ("reward_errors", "reward_timeouts")))
-            _maybe_add(reward, [actor_id], stats.get("reward_mean"))
-            _maybe_add(version, [actor_id], stats.get("weight_version"))
-        yield from (tokens_per_s, generated, reward_errors, reward, version)
-
-        rows = GaugeMetricFamily("driftrl_buffer_rows", "Rows in the replay buffer by state.", labels=["state"])
-        for state in ("available", "leased"):
-            _maybe_add(rows, [state], buffer.get(f"rows_{state}", buffer.get(state)))
-        yield rows
-        for kind in ("rejected", "evicted"):
-            fam = CounterMetricFamily(f"driftrl_buffer_{kind}_rows", f"Rows {kind} by the buffer, by reason.", labels=["reason"])
-            prefix = f"{kind}."
-            for key, value in sorted(buffer.items()):
-                if key.startswith(prefix):
-                    fam.add_metric([key[len(prefix):]], value)
-            yield fam
-        for key, help_text in (("pushed", "Rows pushed to the buffer."), ("acked", "Rows acknowledged by the learner.")):
-            if key in buffer:
-                yield CounterMetricFamily(f"driftrl_buffer_{key}_rows", help_text, value=buffer[key])
-
+            for kind in ("rejected", "evicted")
+        ]
+        yield from _render((*BUFFER_EXPORTS, *reasons), {(): buffer})
         yield HistogramMetricFamily(
             "driftrl_staleness_versions",
             "Policy versions between the learner and the behaviour policy of each trained row.",
-            buckets=stale_buckets, sum_value=stale_sum,
+            buckets=stale_buckets,
+            sum_value=stale_sum,
         )
         yield HistogramMetricFamily(
-            "driftrl_weight_sync_seconds", "Wall time of one weight publication to all rollout actors.",
-            buckets=sync_buckets, sum_value=sync_sum,
+            "driftrl_weight_sync_seconds",
+            "Wall time of one weight publication to all rollout actors.",
+            buckets=sync_buckets,
+            sum_value=sync_sum,
         )
-        for name, value in sorted(counters.items()):
-            yield CounterMetricFamily(f"driftrl_{name}", f"Driver counter {name}.", value=value)
+        driver = [
+            scalar(f"driftrl_{name}", f"Driver counter {name}.", name, counter=True)
+            for name in sorted(counters)
+        ]
+        yield from _render(driver, {(): counters})
+
+
+def _render(
+    exports: Sequence[Export],
+    snapshots: Mapping[tuple[str, ...], Mapping[str, float]],
+    outer_labels: tuple[str, ...] = (),
+) -> Iterator[Metric]:
+    """The families of ``exports`` with one sample set per snapshot (keyed by ``outer_labels``
+    values); absent keys give no sample and a family without samples is left out."""
+    for export in exports:
+        family_type = CounterMetricFamily if export.counter else GaugeMetricFamily
+        family = family_type(export.name, export.help, labels=[*outer_labels, *export.labels])
+        for outer, snapshot in snapshots.items():
+            for values, key in export.samples:
+                if key in snapshot:
+                    family.add_metric([*outer, *values], snapshot[key])
+        if family.samples:
+            yield family
 
 
 def _is_number(v: object) -> bool:
@@ -233,16 +461,6 @@ def _flatten(stats: Mapping[str, object], prefix: str = "") -> dict[str, float]:
         elif _is_number(value):
             out[f"{prefix}{key}"] = float(value)  # type: ignore[arg-type]
     return out
-
-
-def _sum_keys(stats: Mapping[str, float], keys: tuple[str, ...]) -> float | None:
-    present = [stats[k] for k in keys if k in stats]
-    return sum(present) if present else None
-
-
-def _maybe_add(family: GaugeMetricFamily | CounterMetricFamily, labels: list[str], value: float | None) -> None:
-    if value is not None:
-        family.add_metric(labels, value)
 
 
 class MetricsServer:
@@ -281,7 +499,9 @@ class MetricsServer:
                 f"cannot serve metrics on {host}:{port} ({err}); choose another port with metrics.port=<n> (0 = any free)"
             ) from err
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="driftrl-metrics", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="driftrl-metrics", daemon=True
+        )
 
     @property
     def port(self) -> int:

@@ -1,8 +1,9 @@
 """The end-of-run report: PNG plots from ``metrics.parquet`` and a one-screen summary.
 
-The metrics table has one row per learner step (the numbers the learner returned plus the driver's
-own: probe entropy, sync seconds, buffer size). Plots skip series a run did not produce (a GRPO run
-has no mask fractions) rather than drawing empty axes.
+The metrics table has one row per learner step: the :meth:`learner.engine.Learner.train_step` dict
+without its ``driftrl_learner_`` prefix (:func:`learner_row`), plus the driver's columns
+:data:`DRIVER_COLUMNS`. Plots skip series a run did not produce (a run without probe syncs has no
+realised entropy change) rather than drawing empty axes.
 """
 
 from __future__ import annotations
@@ -10,39 +11,115 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# (file name, title, y label, [(column, legend)])
-PLOTS: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
-    ("reward.png", "Reward", "mean reward", (("reward_mean", "trained batch"),)),
-    ("entropy.png", "Policy entropy", "nats / token", (("entropy_mean", "training batch"), ("probe_entropy", "probe set"))),
+LEARNER_PREFIX = "driftrl_learner_"
+
+# columns the driver adds to the learner's: (name, meaning)
+DRIVER_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("probe_entropy", "mean token entropy on the fixed probe set, at steps where it was probed"),
+    ("realised_delta_entropy", "probe entropy change since the previous sync, at sync steps"),
     (
-        "delta_entropy.png",
-        "Entropy change: predicted (first order) vs realised",
-        "ΔH (nats)",
-        (("predicted_delta_entropy", "predicted per step"), ("realised_delta_entropy", "realised per sync (probe)")),
+        "predicted_delta_entropy_since_sync",
+        "sum of predicted_entropy_change over the steps since the previous sync, at sync steps",
     ),
-    (
+    ("sync_seconds", "wall time of the weight sync started at this step"),
+    ("buffer_rows_available", "replay buffer rows waiting to be trained on"),
+    ("buffer_rows_leased", "replay buffer rows leased to the learner"),
+    ("rollout_tokens_per_s", "generation throughput summed over the rollout actors"),
+    ("wall_seconds", "seconds since the run started"),
+)
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One PNG: ``(column, legend)`` series against the learner step, optionally a second y axis
+    for series of another scale (the predicted entropy change is per unit step size)."""
+
+    file_name: str
+    title: str
+    ylabel: str
+    series: tuple[tuple[str, str], ...]
+    right_ylabel: str = ""
+    right_series: tuple[tuple[str, str], ...] = ()
+
+
+PLOTS: tuple[Plot, ...] = (
+    Plot("reward.png", "Reward", "mean reward", (("reward_mean", "trained batch"),)),
+    Plot(
+        "entropy.png",
+        "Policy entropy",
+        "nats / token",
+        (("entropy_mean", "training batch"), ("probe_entropy", "probe set")),
+    ),
+    Plot(
+        "delta_entropy.png",
+        "Entropy change per sync: realised (probe) vs predicted (first order)",
+        "realised ΔH (nats)",
+        (("realised_delta_entropy", "realised on the probe set"),),
+        "predicted ΔH per unit step size",
+        (("predicted_delta_entropy_since_sync", "predicted, summed since the previous sync"),),
+    ),
+    Plot(
         "mask_fractions.png",
         "Tokens dropped by the entropy clip",
         "fraction of valid tokens",
-        (("mask_drop_frac", "all"), ("mask_drop_frac_pos", "A > 0"), ("mask_drop_frac_neg", "A < 0")),
+        (
+            ("clip_dropped_frac", "all"),
+            ("clip_dropped_frac_pos_adv", "A > 0"),
+            ("clip_dropped_frac_neg_adv", "A < 0"),
+        ),
     ),
-    ("staleness.png", "Staleness of trained rows", "policy versions", (("staleness_mean", "mean"), ("staleness_max", "max"))),
-    ("cov.png", "Cov(A, r·Sc)", "covariance", (("cov_adv_r_sc", "batch covariance"),)),
+    Plot(
+        "staleness.png",
+        "Staleness of trained rows",
+        "policy versions",
+        (("staleness_mean", "mean"), ("staleness_max", "max")),
+    ),
+    Plot("cov.png", "Cov(A, r·Sc)", "covariance", (("cov_adv_weighted_s_centered", "batch covariance"),)),
+    Plot(
+        "throughput.png",
+        "Throughput",
+        "tokens / s",
+        (("train_tokens_per_s", "learner"), ("rollout_tokens_per_s", "rollout actors")),
+    ),
+    Plot(
+        "buffer.png",
+        "Replay buffer",
+        "rows",
+        (("buffer_rows_available", "available"), ("buffer_rows_leased", "leased")),
+    ),
 )
+# (x column, y column) of the predicted-vs-realised scatter, one point per sync
+DELTA_ENTROPY_PAIR = ("predicted_delta_entropy_since_sync", "realised_delta_entropy")
 
 SUMMARY_KEYS: tuple[tuple[str, str], ...] = (
     ("reward_mean", "reward"),
     ("entropy_mean", "entropy"),
-    ("cov_adv_r_sc", "Cov(A, r·Sc)"),
-    ("mask_drop_frac", "mask fraction"),
+    ("probe_entropy", "probe entropy"),
+    ("cov_adv_weighted_s_centered", "Cov(A, r·Sc)"),
+    ("clip_dropped_frac", "mask fraction"),
     ("staleness_mean", "staleness"),
-    ("tokens_per_s", "train tokens/s"),
+    ("train_tokens_per_s", "train tokens/s"),
+    ("rollout_tokens_per_s", "rollout tokens/s"),
+    ("sync_seconds", "sync seconds"),
+    ("wall_seconds", "wall seconds"),
 )
+
+
+def learner_row(metrics: Mapping[str, object]) -> dict[str, float]:
+    """A ``Learner.train_step`` dict as metrics-table columns: the ``driftrl_learner_`` prefix
+    removed (unprefixed keys pass unchanged), numbers as floats (NaN kept), anything else dropped."""
+    return {
+        key.removeprefix(LEARNER_PREFIX): float(value)  # type: ignore[arg-type]
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
 
 
 class MetricsLog:
@@ -71,18 +148,101 @@ class MetricsLog:
         tmp.replace(self.path)
 
 
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def _series(rows: Sequence[Mapping[str, float]], column: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for row in rows:
         value = row.get(column)
-        if value is not None and math.isfinite(value):
+        if _finite(value):
             xs.append(row.get("step", len(xs)))
             ys.append(value)
     return xs, ys
 
 
+def _delta_entropy_pairs(rows: Sequence[Mapping[str, float]]) -> list[tuple[float, float]]:
+    x_col, y_col = DELTA_ENTROPY_PAIR
+    return [(row[x_col], row[y_col]) for row in rows if _finite(row.get(x_col)) and _finite(row.get(y_col))]
+
+
+def delta_entropy_agreement(rows: Sequence[Mapping[str, float]]) -> dict[str, float | int | None]:
+    """How the realised probe entropy change per sync follows the first-order prediction.
+
+    Returns ``syncs`` (pairs with both values), ``pearson_r`` (None below 3 pairs or with a
+    constant side) and ``sign_agreement`` (fraction of pairs with equal signs; None without pairs).
+    The prediction is per unit step size, so only its sign and correlation are comparable.
+    """
+    pairs = _delta_entropy_pairs(rows)
+    n = len(pairs)
+    signs = sum(math.copysign(1, x) == math.copysign(1, y) for x, y in pairs)
+    out: dict[str, float | int | None] = {
+        "syncs": n,
+        "pearson_r": None,
+        "sign_agreement": signs / n if n else None,
+    }
+    if n >= 3:
+        mx, my = sum(x for x, _ in pairs) / n, sum(y for _, y in pairs) / n
+        sxy = sum((x - mx) * (y - my) for x, y in pairs)
+        sxx, syy = sum((x - mx) ** 2 for x, _ in pairs), sum((y - my) ** 2 for _, y in pairs)
+        if sxx > 0 and syy > 0:
+            out["pearson_r"] = sxy / math.sqrt(sxx * syy)
+    return out
+
+
+def _draw(plt: ModuleType, plot: Plot, rows: Sequence[Mapping[str, float]], path: Path) -> bool:
+    """Save ``plot`` to ``path``; False (nothing written) when the run has none of its columns."""
+    sides = [
+        (ylabel, [(legend, *_series(rows, col)) for col, legend in series])
+        for ylabel, series in ((plot.ylabel, plot.series), (plot.right_ylabel, plot.right_series))
+    ]
+    sides = [(ylabel, [d for d in drawn if d[1]]) for ylabel, drawn in sides]
+    if not any(drawn for _, drawn in sides):
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    handles = []
+    for axis, (ylabel, drawn) in zip((ax, ax.twinx() if sides[1][1] else None), sides, strict=True):
+        for legend, xs, ys in drawn:
+            color = f"C{len(handles)}"  # one colour cycle across both axes
+            handles += axis.plot(xs, ys, marker="." if len(xs) < 50 else None, label=legend, color=color)
+        if axis is not None:
+            axis.set_ylabel(ylabel)
+    ax.set_title(plot.title)
+    ax.set_xlabel("learner step")
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _draw_delta_entropy_scatter(
+    plt: ModuleType, rows: Sequence[Mapping[str, float]], agreement: Mapping[str, object], path: Path
+) -> None:
+    pairs = _delta_entropy_pairs(rows)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter([x for x, _ in pairs], [y for _, y in pairs], s=16)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(0, color="grey", lw=0.8)
+    r = agreement["pearson_r"]
+    shown_r = "n/a" if r is None else f"{r:.3f}"
+    ax.set_title(f"ΔH per sync: Pearson r = {shown_r} over {len(pairs)} syncs")
+    ax.set_xlabel("predicted (summed since previous sync, per unit step size)")
+    ax.set_ylabel("realised on the probe set (nats)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_report(run_dir: Path, extra: Mapping[str, object] | None = None) -> Path:
-    """Write ``report/*.png`` and ``report/summary.{txt,json}``; returns the summary text path."""
+    """Write ``report/*.png`` and ``report/summary.{txt,json}``; returns the summary text path.
+
+    One PNG per :data:`PLOTS` entry the run has data for, plus ``delta_entropy_scatter.png``
+    (predicted vs realised ΔH, one point per sync) when any sync has both.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,22 +252,11 @@ def write_report(run_dir: Path, extra: Mapping[str, object] | None = None) -> Pa
     report.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.parquet"
     rows = pq.read_table(metrics_path).to_pylist() if metrics_path.exists() else []
-    for file_name, title, ylabel, series in PLOTS:
-        drawn = [(legend, *_series(rows, col)) for col, legend in series]
-        drawn = [d for d in drawn if d[1]]
-        if not drawn:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for legend, xs, ys in drawn:
-            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=legend)
-        ax.set_title(title)
-        ax.set_xlabel("learner step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(report / file_name, dpi=100)
-        plt.close(fig)
+    for plot in PLOTS:
+        _draw(plt, plot, rows, report / plot.file_name)
+    agreement = delta_entropy_agreement(rows)
+    if agreement["syncs"]:
+        _draw_delta_entropy_scatter(plt, rows, agreement, report / "delta_entropy_scatter.png")
 
     summary: dict[str, object] = {"steps": len(rows)}
     lines = [f"driftrl run {run_dir.name}: {len(rows)} learner steps"]
@@ -116,6 +265,13 @@ def write_report(run_dir: Path, extra: Mapping[str, object] | None = None) -> Pa
         if ys:
             summary[key] = {"first": ys[0], "last": ys[-1]}
             lines.append(f"  {label:<16} first {ys[0]:>10.4f}   last {ys[-1]:>10.4f}")
+    if agreement["syncs"]:
+        summary["delta_entropy_agreement"] = agreement
+        r, signs = agreement["pearson_r"], agreement["sign_agreement"]
+        lines.append(
+            f"  {'ΔH pred/real':<16} r {'n/a' if r is None else f'{r:.3f}'}, same sign {signs:.0%} "
+            f"over {agreement['syncs']} syncs"
+        )
     for key, value in (extra or {}).items():
         summary[key] = value
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -1,16 +1,113 @@
-"""The driver's Prometheus endpoint, scraped by our parser and by a real Prometheus server."""
+"""The driver's Prometheus endpoint, fed the learner's real metric names, scraped by our parser and
+by a real Prometheus server (which also evaluates every Grafana dashboard expression)."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import urllib.error
 import urllib.request
+from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from buffers.config import BufferConfig
+from buffers.replay import ReplayBuffer
 from driftrl.metrics import MetricsServer, RunTelemetry
+from tests.driftrl.learner_metrics import rollout_table, train_step_metrics
 from tests.driftrl.prometheus_server import PrometheusServer
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "driftrl-dashboard.json"
+P = "driftrl_learner_"
+
+# the contract with dashboards and alerts: (sample name, labels) -> key of the train_step dict
+LEARNER_SAMPLES: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {
+    ("driftrl_entropy", ()): "entropy_mean",
+    ("driftrl_entropy_delta_predicted", ()): "predicted_entropy_change",
+    ("driftrl_learner_cov_adv_weighted_s_centered", ()): "cov_adv_weighted_s_centered",
+    **{
+        ("driftrl_learner_score", (("moment", moment), ("stat", stat))): f"{key}_{moment}"
+        for stat, key in (
+            ("s_star", "s_star"),
+            ("s_expect", "s_expect"),
+            ("s_centered", "s_centered"),
+            ("r_s_centered", "weighted_s_centered"),
+        )
+        for moment in ("mean", "std")
+    },
+    ("driftrl_learner_mask_fraction", (("sign", "all"),)): "clip_dropped_frac",
+    ("driftrl_learner_mask_fraction", (("sign", "pos"),)): "clip_dropped_frac_pos_adv",
+    ("driftrl_learner_mask_fraction", (("sign", "neg"),)): "clip_dropped_frac_neg_adv",
+    ("driftrl_learner_clip_threshold", (("threshold", "center"),)): "clip_center",
+    ("driftrl_learner_clip_threshold", (("threshold", "bound"),)): "clip_bound",
+    ("driftrl_learner_clip_threshold", (("threshold", "cutoff"),)): "clip_cutoff",
+    ("driftrl_learner_ratio_mean", ()): "ratio_mean",
+    ("driftrl_learner_ratio_max", ()): "ratio_max",
+    ("driftrl_learner_ratio_clipped_fraction", ()): "clipped_frac",
+    ("driftrl_learner_ratio_truncated_fraction", ()): "truncated_frac",
+    ("driftrl_learner_reward_mean", ()): "reward_mean",
+    ("driftrl_learner_response_length_tokens", ()): "response_length_mean",
+    ("driftrl_learner_staleness_mean_versions", ()): "staleness_mean",
+    ("driftrl_learner_staleness_max_versions", ()): "staleness_max",
+    ("driftrl_learner_train_tokens_per_second", ()): "train_tokens_per_s",
+    ("driftrl_learner_zero_variance_group_fraction", ()): "grpo_zero_variance_frac",
+    ("driftrl_learner_grad_norm", ()): "grad_norm",
+    ("driftrl_learner_lr", ()): "lr",
+    ("driftrl_learner_step", ()): "step",
+    ("driftrl_learner_step_skipped", ()): "step_skipped",
+    ("driftrl_learner_skipped_steps_total", ()): "skipped_steps_total",
+    ("driftrl_policy_version", ()): "policy_version",
+}
+
+# RolloutWorker.stats() of actors/rollout.py, nested and non-numeric entries included
+ROLLOUT_STATS = {
+    "actor_id": "0",
+    "weight_version": 4,
+    "learner_version": 5,
+    "accepted_groups": 12,
+    "in_flight_groups": 3,
+    "pending_push_groups": 0,
+    "groups_generated": 15,
+    "responses_generated": 60,
+    "tokens_generated": 4096,
+    "generate_seconds": 8.0,
+    "engine_errors": 1,
+    "resubmitted_groups": 0,
+    "admission_blocked": 2,
+    "syncs": 4,
+    "sync_seconds_total": 2.5,
+    "last_sync_seconds": 0.75,
+    "push_failures": 0,
+    "tokens_per_s": 512.0,
+    "reward_calls": 60,
+    "reward_mean": 0.375,
+    "reward_errors": 2,
+    "reward_timeouts": 1,
+    "reward_last_error": "ZeroDivisionError",
+    "skipped_prompts": {"prompt_too_long": 1},
+    "last_push_result": None,
+    "last_push_error": None,
+    "broken": None,
+    "prompt_cursor": {"epoch": 0, "index": 15},
+}
+ROLLOUT_SAMPLES = {
+    "driftrl_rollout_tokens_per_second": "tokens_per_s",
+    "driftrl_rollout_tokens_total": "tokens_generated",
+    "driftrl_rollout_reward_mean": "reward_mean",
+    "driftrl_rollout_reward_errors_total": "reward_errors",
+    "driftrl_rollout_reward_timeouts_total": "reward_timeouts",
+    "driftrl_rollout_weight_version": "weight_version",
+    "driftrl_rollout_weight_syncs_total": "syncs",
+    "driftrl_rollout_weight_sync_seconds_total": "sync_seconds_total",
+    "driftrl_rollout_weight_sync_last_seconds": "last_sync_seconds",
+    "driftrl_rollout_push_failures_total": "push_failures",
+    "driftrl_rollout_engine_errors_total": "engine_errors",
+    "driftrl_rollout_in_flight_groups": "in_flight_groups",
+    "driftrl_rollout_accepted_groups_total": "accepted_groups",
+}
 
 
 @pytest.fixture
@@ -21,31 +118,144 @@ def server():
     srv.stop()
 
 
-def _scrape(url: str) -> dict[str, list]:
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of ``/metrics`` as ``(name, sorted labels) -> value``."""
     with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    return {fam.name: fam.samples for fam in text_string_to_metric_families(text)}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
-def test_learner_numbers_appear_with_their_names(server):
-    server.telemetry.record_learner(
-        {"entropy_mean": 1.25, "step": 3, "s_star_mean": -0.1, "s_star_std": 0.2, "mask_drop_frac_neg": 0.01,
-         "not_a_number": "x", "nan_value": float("nan")}
-    )
-    server.telemetry.observe_staleness({0: 5, 2: 3})
-    server.telemetry.record_buffer({"rows_available": 7, "rejected": {"nan_logprob": 2}})
-    families = _scrape(server.url)
-    assert families["driftrl_entropy"][0].value == 1.25
-    assert families["driftrl_learner_step"][0].value == 3
-    scores = {(s.labels["stat"], s.labels["moment"]): s.value for s in families["driftrl_learner_score"]}
-    assert scores == {("s_star", "mean"): -0.1, ("s_star", "std"): 0.2}
-    masks = {s.labels["sign"]: s.value for s in families["driftrl_learner_mask_fraction"]}
-    assert masks == {"neg": 0.01}
-    # 5 rows at staleness 0 and 3 at staleness 2: cumulative buckets le=0 -> 5, le=1 -> 5, le=2 -> 8.
-    buckets = {s.labels["le"]: s.value for s in families["driftrl_staleness_versions"] if s.name.endswith("_bucket")}
-    assert (buckets["0.0"], buckets["1.0"], buckets["2.0"], buckets["+Inf"]) == (5, 5, 8, 8)
-    rejected = {s.labels["reason"]: s.value for s in families["driftrl_buffer_rejected_rows"]}
-    assert rejected == {"nan_logprob": 2}
+def real_buffer_stats(tmp_path: Path) -> dict:
+    """``stats()`` of a real buffer after accepted, rejected, leased, acked and evicted rows."""
+    buffer = ReplayBuffer(BufferConfig(), str(tmp_path / "buffer"))
+    rng = np.random.default_rng(0)
+    # 4 groups of 2 rows at behaviour versions 0, 3, 3, 3; a learner at version 3 with
+    # max_staleness 2 evicts the version-0 group (2 rows, "stale") and leases 2 of the others
+    assert buffer.push(rollout_table(rng, [0, 3, 3, 3])).accepted == 8
+    assert buffer.push("not a table").accepted == 0  # counted as 1 row rejected as bad_input
+    leased = buffer.sample(2, learner_version=3, max_staleness=2)
+    buffer.ack(leased.column("traj_id").to_pylist()[:2])
+    stats = buffer.stats()
+    # rows: 2 evicted, 2 acked, 2 still leased, 2 available
+    assert (stats["rows_available"], stats["rows_leased"], stats["acked"]) == (2, 2, 2)
+    assert (stats["pushed"], stats["rejected"], stats["evicted"]) == (9, {"bad_input": 1}, {"stale": 2})
+    return stats
+
+
+def record_everything(telemetry: RunTelemetry, tmp_path: Path) -> tuple[dict[str, float], dict]:
+    """One learner step, a probe, one actor, the buffer and a sync, as the driver records them;
+    returns the learner's dict and the buffer's stats."""
+    metrics = train_step_metrics(seed=1, policy_version=3, version_starts=[3, 2, 1, 0, 3])
+    telemetry.record_learner(metrics)
+    telemetry.record_probe(1.5, -0.25)
+    telemetry.record_rollout("0", ROLLOUT_STATS)
+    buffer_stats = real_buffer_stats(tmp_path)
+    telemetry.record_buffer(buffer_stats)
+    telemetry.observe_sync(0.3)
+    telemetry.count("weight_sync_failures_total")
+    return metrics, buffer_stats
+
+
+def test_every_learner_metric_is_exported_under_its_name(server, tmp_path):
+    metrics, _ = record_everything(server.telemetry, tmp_path)
+    samples = _scrape(server.url)
+    for (name, labels), key in LEARNER_SAMPLES.items():
+        assert samples.get((name, labels)) == metrics[P + key], (name, labels, key)
+    assert samples[("driftrl_entropy_probe", ())] == 1.5
+    assert samples[("driftrl_entropy_delta_realised", ())] == -0.25
+    # nothing the learner reports is dropped: its values are distinct, so each must show up somewhere
+    shown = set(samples.values())
+    missing = [k for k, v in metrics.items() if "staleness_count" not in k and v not in shown]
+    assert missing == []
+
+
+def test_unprefixed_keys_and_absent_keys(server):
+    metrics = train_step_metrics(seed=2, policy_version=1, version_starts=[1], clip=False)
+    server.telemetry.record_learner({k.removeprefix(P): v for k, v in metrics.items()})
+    samples = _scrape(server.url)
+    assert samples[("driftrl_entropy", ())] == metrics[P + "entropy_mean"]
+    # no clip method: no thresholds, and no empty family either
+    assert not [key for key in samples if key[0] == "driftrl_learner_clip_threshold"]
+
+
+def test_nan_grad_norm_of_a_skipped_step_is_not_exported(server):
+    server.telemetry.record_learner(train_step_metrics(seed=3, policy_version=2, version_starts=[2]))
+    assert _scrape(server.url)[("driftrl_learner_grad_norm", ())] == 0.5
+    skipped = train_step_metrics(seed=4, policy_version=2, version_starts=[2], grad_norm=None)
+    assert math.isnan(skipped[P + "grad_norm"])
+    server.telemetry.record_learner(skipped)
+    samples = _scrape(server.url)
+    # the previous step's 0.5 must not be shown for a step that had no gradient
+    assert ("driftrl_learner_grad_norm", ()) not in samples
+    assert samples[("driftrl_learner_step_skipped", ())] == 1.0
+    assert samples[("driftrl_learner_skipped_steps_total", ())] == skipped[P + "skipped_steps_total"]
+
+
+def test_staleness_histogram_counts_the_learner_bins(server):
+    # max_staleness 2. Step 1 at version 3, groups of 2 rows at versions 3, 2, 1, 0, 3 ->
+    # staleness 0, 1, 2, 3, 0: bins 0: 4, 1: 2, 2: 2, over: 2 (observed at 3 = max_staleness + 1).
+    # Step 2 at version 5, versions 5, 4 -> bins 0: 2, 1: 2.
+    steps = [
+        train_step_metrics(seed=5, policy_version=3, version_starts=[3, 2, 1, 0, 3]),
+        train_step_metrics(seed=6, policy_version=5, version_starts=[5, 4]),
+    ]
+    assert [steps[0][f"{P}staleness_count_{k}"] for k in ("0", "1", "2", "over")] == [4, 2, 2, 2]
+    assert [steps[1][f"{P}staleness_count_{k}"] for k in ("0", "1", "2", "over")] == [2, 2, 0, 0]
+    for metrics in steps:
+        server.telemetry.record_learner(metrics)
+    samples = _scrape(server.url)
+    buckets = {
+        dict(labels)["le"]: value
+        for (name, labels), value in samples.items()
+        if name == "driftrl_staleness_versions_bucket"
+    }
+    # totals 0: 6, 1: 4, 2: 2, 3: 2 -> cumulative 6, 10, 12, 14
+    assert [buckets[le] for le in ("0.0", "1.0", "2.0", "3.0", "4.0", "+Inf")] == [6, 10, 12, 14, 14, 14]
+    assert samples[("driftrl_staleness_versions_count", ())] == 14
+    assert samples[("driftrl_staleness_versions_sum", ())] == 0 * 6 + 1 * 4 + 2 * 2 + 3 * 2
+
+
+def test_rollout_and_buffer_stats_under_their_names(server, tmp_path):
+    _, stats = record_everything(server.telemetry, tmp_path)
+    samples = _scrape(server.url)
+    for name, key in ROLLOUT_SAMPLES.items():
+        assert samples[(name, (("actor", "0"),))] == ROLLOUT_STATS[key], name
+    assert samples[("driftrl_buffer_rows", (("state", "available"),))] == stats["rows_available"]
+    assert samples[("driftrl_buffer_rows", (("state", "leased"),))] == stats["rows_leased"]
+    assert samples[("driftrl_buffer_pushed_rows_total", ())] == stats["pushed"]
+    assert samples[("driftrl_buffer_acked_rows_total", ())] == stats["acked"]
+    assert samples[("driftrl_buffer_evicted_rows_total", (("reason", "stale"),))] == 2
+    assert samples[("driftrl_buffer_rejected_rows_total", (("reason", "bad_input"),))] == 1
+    assert samples[("driftrl_weight_sync_seconds_count", ())] == 1
+    assert samples[("driftrl_weight_sync_failures_total", ())] == 1
+
+
+def dashboard_expressions() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def test_dashboard_names_only_emitted_metrics(server, tmp_path):
+    record_everything(server.telemetry, tmp_path)
+    emitted = {name for name, _ in _scrape(server.url)}
+    words = {w for expr in dashboard_expressions() for w in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr)}
+    used = {w for w in words if w.startswith("driftrl_")}
+    assert used - emitted == set()
+    # the §5 entropy-drift metrics are all on the dashboard
+    assert {
+        "driftrl_entropy",
+        "driftrl_entropy_probe",
+        "driftrl_entropy_delta_predicted",
+        "driftrl_entropy_delta_realised",
+        "driftrl_learner_cov_adv_weighted_s_centered",
+        "driftrl_learner_score",
+        "driftrl_learner_mask_fraction",
+        "driftrl_staleness_versions_bucket",
+    } <= used
 
 
 def test_healthz_turns_503_when_a_heartbeat_is_old(server):
@@ -64,8 +274,13 @@ def test_port_in_use_is_an_actionable_error(server):
         MetricsServer(RunTelemetry(), host="127.0.0.1", port=server.port)
 
 
-def test_real_prometheus_scrapes_driftrl_entropy(server, tmp_path):
-    server.telemetry.record_learner({"entropy_mean": 0.75})
-    with PrometheusServer(f"127.0.0.1:{server.port}", tmp_path) as prom:
+def test_real_prometheus_scrapes_and_evaluates_the_dashboard(server, tmp_path):
+    metrics, _ = record_everything(server.telemetry, tmp_path)
+    prom_dir = tmp_path / "prometheus"
+    prom_dir.mkdir()
+    with PrometheusServer(f"127.0.0.1:{server.port}", prom_dir) as prom:
         result = prom.wait_for("driftrl_entropy", timeout_s=60)
-    assert float(result[0]["value"][1]) == 0.75
+        assert float(result[0]["value"][1]) == metrics[P + "entropy_mean"]
+        # every panel query parses and returns series (rate() needs a second scrape: wait_for polls)
+        for expr in dashboard_expressions():
+            assert prom.wait_for(expr, timeout_s=30), expr
