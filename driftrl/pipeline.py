@@ -1,0 +1,740 @@
+"""The driver of a training run: ``driftrl train`` and ``driftrl run`` (DESIGN.md, "One learner step").
+
+One code path for both modes. The driver owns no model: it places the Ray actors (replay buffer,
+weight board, learner ranks, rollout actors), then runs an event loop over their object refs:
+
+* each rollout actor always has one ``generate_step`` call in flight (it tops its vLLM engine up
+  within the admission rule, waits briefly for finished groups and pushes them to the buffer);
+* the learner has at most one ``sample`` -> ``train_step`` chain in flight;
+* every ``sync_interval`` steps the learner publishes version ``v+1`` to the weight board and to
+  every rollout actor (calls queue between the actor's ``generate_step`` calls, i.e. between
+  engine steps), with a deadline;
+* every ``checkpoint_interval`` steps (and at the end) the learner checkpoints and the driver then
+  acknowledges every row leased since the previous checkpoint (at-least-once delivery, exactly-once
+  effect on the model).
+
+``async`` lets generation run while the learner trains (staleness bounded by ``max_staleness`` at
+sample time and by the admission rule at generation time). ``sync`` is the on-policy baseline of
+the same loop: ``max_staleness`` is forced to 0 and no generation is requested while a learner
+step or a weight sync is in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from driftrl.config import ConfigError, DriftConfig, load_config
+from driftrl.run_dir import RunDir, create_run_dir, open_run_dir, write_atomic
+
+log = logging.getLogger("driftrl.pipeline")
+
+DRIVER_STATE_FILE = "driver.json"
+KEEP_CHECKPOINTS = 2
+# how long one generate_step call waits for a finished group: also the longest a weight update
+# queues behind it on the actor
+GENERATE_WAIT_S = 1.0
+STATS_EVERY_S = 2.0
+# longest a restarting rollout actor may stay away (a vLLM engine starts in well under a minute)
+RESTART_DEADLINE_S = 600.0
+
+
+class PipelineError(RuntimeError):
+    """The run cannot go on; the message says what failed and what to do."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished ``driftrl train`` leaves behind."""
+
+    run_dir: Path
+    steps: int
+    policy_version: int
+    final_model: Path
+    summary_path: Path
+    metrics_url: str
+    seconds: float
+    buffer_stats: dict[str, Any] = field(default_factory=dict)
+    rows_acked_by_driver: int = 0
+    rollout_restarts: int = 0
+    sync_failures: int = 0
+
+
+@dataclass
+class _Sync:
+    """One weight publication waiting for the rollout actors to load it."""
+
+    version: int
+    refs: dict[Any, int]
+    started: float
+    deadline: float
+
+
+def _probe_batch(cfg: DriftConfig) -> tuple[Any, Any]:
+    """Fixed probe sequences (held-out prompt + reference answer) for the realised entropy change."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from actors.prompts import PromptSpec, load_prompt_dataset
+
+    data = load_prompt_dataset(
+        PromptSpec(path=cfg.task.eval_path, prompt_key=cfg.task.prompt_key, answer_key=cfg.task.answer_key)
+    )
+    rows = data.select(range(min(cfg.metrics.probe_prompts, len(data))))
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    texts = [str(r[cfg.task.prompt_key]) + str(r[cfg.task.answer_key]) for r in rows]
+    encoded = [tokenizer(t)["input_ids"][: cfg.rollout.max_model_len] for t in texts]
+    width = max(len(e) for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    return ids, mask
+
+
+def _init_ray(cfg: DriftConfig) -> bool:
+    """Connect to the configured cluster or start local Ray; returns whether we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.run.ray_address:
+        ray.init(address=cfg.run.ray_address, log_to_driver=False)
+        return True
+    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`
+        ray.init(log_to_driver=False)
+        return True
+    # vLLM and DeepSpeed write a lot to stdout; their logs stay in Ray's session folder so the
+    # progress bar stays readable (errors come back as exceptions through the object refs)
+    ray.init(num_cpus=cfg.run.ray_num_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+class Driver:
+    """One run: start the actors, run the step loop, write the run directory."""
+
+    def __init__(
+        self,
+        cfg: DriftConfig,
+        run: RunDir,
+        resume_step: int | None = None,
+        progress: bool = True,
+        on_step: Callable[[Driver, dict[str, float]], None] | None = None,
+    ) -> None:
+        from driftrl.metrics import RunTelemetry
+        from driftrl.report import MetricsLog
+
+        self.cfg = cfg
+        self.run = run
+        self.resume_step = resume_step
+        self.progress = progress
+        self.on_step = on_step
+        self.sync_mode = cfg.run.mode == "sync"
+        self.max_staleness = 0 if self.sync_mode else cfg.learner.max_staleness
+        self.telemetry = RunTelemetry()
+        self.metrics_log = MetricsLog(run.metrics)
+        self.server: Any = None
+        self.started_ray = False
+        self.buffer: Any = None
+        self.board: Any = None
+        self.learners: Any = None
+        self.actors: list[Any] = []
+        self.step = 0
+        self.version = 0
+        self.consumed_groups = 0
+        self.rows_acked = 0
+        self.rollout_restarts = 0
+        self.restarts_by_actor: dict[int, int] = {}
+        self.unavailable_since: dict[int, float] = {}
+        self.retry_at: dict[int, float] = {}
+        self.sync_failures = 0
+        self.unacked: list[Any] = []  # pyarrow arrays of traj ids leased since the last checkpoint
+        self.predicted_since_sync = 0.0
+        self.last_probe: float | None = None
+        self.wall_offset = 0.0
+        self.t0 = time.monotonic()
+        self.rollout_stats: dict[int, dict[str, Any]] = {}
+        self.buffer_stats: dict[str, Any] = {}
+
+    # ---- setup --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        import ray
+
+        from actors.admission import AdmissionRule
+        from actors.prompts import PromptSpec
+        from actors.rollout import launch_rollout_actors
+        from actors.weight_sync import launch_weight_board
+        from buffers.actor import launch_buffer_actor
+        from driftrl.metrics import MetricsServer
+        from learner.actor import call_all, launch_learners
+
+        cfg = self.cfg
+        self.server = MetricsServer(self.telemetry, cfg.metrics.host, cfg.metrics.port).start()
+        log.info("metrics at %s/metrics", self.server.url)
+        self.started_ray = _init_ray(cfg)
+        uri = cfg.buffer.uri or str(self.run.buffer)
+        # the buffer is file I/O and Arrow kernels: no CPU reserved, so a 2-core machine keeps one
+        # core each for the rollout actor and the learner
+        self.buffer = launch_buffer_actor(
+            cfg.buffer,
+            uri,
+            max_concurrency=cfg.rollout.num_actors + cfg.learner.data_parallel_size + 4,
+            num_cpus=0,
+        )
+        self.board = launch_weight_board()
+        self.learners = launch_learners(cfg)
+        self.probe_ids, self.probe_mask = _probe_batch(cfg)
+
+        if self.resume_step is not None:
+            checkpoint = self.run.checkpoint(self.resume_step)
+            call_all(self.learners, "load_checkpoint", str(checkpoint))
+            driver_state = json.loads((checkpoint / DRIVER_STATE_FILE).read_text())
+            self.step = driver_state["step"]
+            self.version = driver_state["policy_version"]
+            self.consumed_groups = driver_state["consumed_groups"]
+            self.rows_acked = driver_state["rows_acked"]
+            self.wall_offset = driver_state["wall_seconds"]
+            self.last_probe = driver_state.get("probe_entropy")
+            self.metrics_log.truncate_after(self.step)
+            requeued = ray.get(self.buffer.requeue_leased.remote())
+            log.info(
+                "resumed at step %d, version %d; %d leased rows requeued", self.step, self.version, requeued
+            )
+            if self.version > 0:
+                # actors start from cfg.model.path: the board hands them the checkpoint's weights
+                self._publish(self.version)
+        if self.last_probe is None:
+            self.last_probe = self._probe()
+
+        admission = AdmissionRule(self.max_staleness, cfg.learner.groups_per_step * cfg.learner.sync_interval)
+        spec = PromptSpec(
+            path=cfg.task.train_path,
+            prompt_key=cfg.task.prompt_key,
+            answer_key=cfg.task.answer_key,
+            seed=cfg.run.seed,
+        )
+        self.actors = launch_rollout_actors(
+            cfg.rollout,
+            cfg.model.path,
+            spec,
+            self.buffer,
+            run_dir=str(self.run.root),
+            admission=admission,
+            weight_board=self.board,
+        )
+
+    def _probe(self) -> float:
+        from learner.actor import call_all
+
+        values = call_all(self.learners, "probe_entropy", self.probe_ids, self.probe_mask)
+        return float(values[0])
+
+    def _publish(self, version: int) -> Any:
+        """Publish the learner's weights as ``version`` and post them on the board."""
+        import ray
+
+        from actors.weight_sync import BytesWeightPublisher
+        from learner.actor import call_all
+
+        if self.cfg.rollout.weight_sync.transport != "ray_bytes":
+            raise ConfigError(
+                "rollout.weight_sync.transport: the driver wires only 'ray_bytes' so far; the NCCL "
+                "transport is available to custom drivers through actors.weight_sync"
+            )
+        publisher = BytesWeightPublisher(self.cfg.rollout.weight_sync.bucket_bytes)
+        manifest = call_all(self.learners, "publish_weights", publisher, version)[0]
+        # posted before the actors load it: an actor restarting meanwhile catches up from the board
+        ray.get(self.board.post.remote(manifest))
+        return manifest
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def loop(self) -> None:  # noqa: C901 - one event loop reads best in one place
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        cfg = self.cfg
+        total = cfg.learner.total_steps
+        groups = cfg.learner.groups_per_step
+        gen_refs: dict[Any, int] = {}
+        stats_refs: dict[Any, int] = {}
+        sample_ref: Any = None
+        train_refs: list[Any] | None = None
+        train_ids: Any = None
+        pending_sync: _Sync | None = None
+        buffer_stats_ref: Any = None
+        last_stats = 0.0
+        bar = self._progress_bar(total)
+
+        try:
+            while self.step < total:
+                now = time.monotonic()
+                learner_busy = train_refs is not None or pending_sync is not None
+                gen_busy = set(gen_refs.values())
+                if not (self.sync_mode and learner_busy):
+                    # groups sampled so far + groups waiting: leased groups are in consumed_groups already
+                    admitted = self.consumed_groups + int(self.buffer_stats.get("groups_available", 0))
+                    for index, actor in enumerate(self.actors):
+                        if index not in gen_busy and self.retry_at.get(index, 0.0) <= now:
+                            ref = actor.generate_step.remote(self.version, admitted, GENERATE_WAIT_S)
+                            gen_refs[ref] = index
+                if sample_ref is None and train_refs is None and not (self.sync_mode and pending_sync):
+                    sample_ref = self.buffer.sample.remote(
+                        groups, self.version, self.max_staleness, cfg.learner.sample_timeout_s
+                    )
+                now = time.monotonic()
+                if now - last_stats >= STATS_EVERY_S:
+                    last_stats = now
+                    if buffer_stats_ref is None:
+                        buffer_stats_ref = self.buffer.stats.remote()
+                    for index, actor in enumerate(self.actors):
+                        if index not in stats_refs.values():
+                            stats_refs[actor.stats.remote()] = index
+
+                waiting = list(gen_refs) + list(stats_refs) + (train_refs or [])
+                waiting += [sample_ref] if sample_ref is not None else []
+                waiting += [buffer_stats_ref] if buffer_stats_ref is not None else []
+                waiting += list(pending_sync.refs) if pending_sync else []
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
+
+                for ref in ready:
+                    if ref in gen_refs:
+                        index = gen_refs.pop(ref)
+                        try:
+                            ray.get(ref)
+                            self.unavailable_since.pop(index, None)
+                        except RayActorError as err:
+                            self._actor_died(index, err)
+                    elif ref in stats_refs:
+                        index = stats_refs.pop(ref)
+                        try:
+                            stats = ray.get(ref)
+                        except RayActorError:
+                            continue  # the generate_step ref reports the death
+                        self.rollout_stats[index] = stats
+                        self.telemetry.record_rollout(stats["actor_id"], stats)
+                        if stats.get("broken"):
+                            self._restart_broken(index, stats["broken"])
+                    elif ref is buffer_stats_ref:
+                        buffer_stats_ref = None
+                        self.buffer_stats = ray.get(ref)
+                        self.telemetry.record_buffer(self.buffer_stats)
+                    elif ref is sample_ref:
+                        sample_ref = None
+                        table = ray.get(ref)
+                        n_groups = len(set(table.column("group_id").to_pylist())) if table.num_rows else 0
+                        if n_groups < groups:
+                            if table.num_rows:
+                                ray.get(self.buffer.release.remote(table.column("traj_id").to_pylist()))
+                            raise PipelineError(
+                                f"the learner waited {cfg.learner.sample_timeout_s:.0f} s for {groups} groups "
+                                f"and got {n_groups}: the rollout actors produce nothing (see their stats at "
+                                f"{self.server.url}/metrics and Ray's logs under /tmp/ray/session_latest/logs)"
+                            )
+                        train_ids = table.column("traj_id").combine_chunks()
+                        table_ref = ray.put(table)
+                        train_refs = [a.call.remote("train_step", table_ref) for a in self.learners.actors]
+                        self.consumed_groups += n_groups
+                    elif train_refs is not None and ref in train_refs:
+                        done, _ = ray.wait(train_refs, num_returns=len(train_refs), timeout=0)
+                        if len(done) < len(train_refs):
+                            continue
+                        try:
+                            metrics = ray.get(train_refs)[0]
+                        except RayActorError as err:
+                            raise PipelineError(
+                                f"a learner rank died during step {self.step + 1}; the run can go on from its "
+                                f"last checkpoint: driftrl train --resume {self.run.root}"
+                            ) from err
+                        train_refs = None
+                        self.unacked.append(train_ids)
+                        self.step += 1
+                        row = self._after_step(metrics)
+                        if self.step % cfg.learner.sync_interval == 0 or self.step == total:
+                            pending_sync = self._start_sync(row)
+                        self.metrics_log.append(row)
+                        if self.step % cfg.learner.checkpoint_interval == 0 or self.step == total:
+                            if pending_sync is not None:
+                                self._finish_sync(pending_sync, wait=True)
+                                pending_sync = None
+                            self._checkpoint()
+                        if self.on_step is not None:
+                            self.on_step(self, row)
+                        self._update_bar(bar, row)
+                    elif pending_sync is not None and ref in pending_sync.refs:
+                        if self._finish_sync(pending_sync, wait=False):
+                            pending_sync = None
+                if pending_sync is not None and time.monotonic() > pending_sync.deadline:
+                    self._finish_sync(pending_sync, wait=True)
+                    pending_sync = None
+            if pending_sync is not None:
+                self._finish_sync(pending_sync, wait=True)
+        except GetTimeoutError as err:
+            raise PipelineError(f"a Ray call timed out: {err}") from err
+        finally:
+            if bar is not None:
+                bar.close()
+            for ref in gen_refs:
+                ray.cancel(ref)
+
+    def _after_step(self, metrics: dict[str, float]) -> dict[str, float]:
+        from driftrl.report import learner_row
+
+        self.telemetry.record_learner(metrics)
+        row = learner_row(metrics)
+        predicted = row.get("predicted_entropy_change")
+        if predicted is not None and math.isfinite(predicted):
+            self.predicted_since_sync += predicted
+        row["wall_seconds"] = self.wall_offset + time.monotonic() - self.t0
+        row["buffer_rows_available"] = float(self.buffer_stats.get("rows_available", 0))
+        row["buffer_rows_leased"] = float(self.buffer_stats.get("rows_leased", 0))
+        rates = [float(s.get("tokens_per_s", 0.0)) for s in self.rollout_stats.values()]
+        row["rollout_tokens_per_s"] = sum(rates)
+        row["step"] = float(self.step)
+        return row
+
+    def _start_sync(self, row: dict[str, float]) -> _Sync:
+        started = time.monotonic()
+        version = self.version + 1
+        manifest = self._publish(version)
+        self.version = version
+        probe = self._probe()
+        realised = probe - self.last_probe if self.last_probe is not None else math.nan
+        row["probe_entropy"] = probe
+        row["realised_delta_entropy"] = realised
+        row["predicted_delta_entropy_since_sync"] = self.predicted_since_sync
+        self.telemetry.record_probe(probe, realised)
+        self.last_probe = probe
+        self.predicted_since_sync = 0.0
+        refs = {a.update_weights.remote(manifest): i for i, a in enumerate(self.actors)}
+        timeout = self.cfg.rollout.weight_sync.timeout_s
+        # the update queues behind at most one generate_step call
+        deadline = started + timeout + GENERATE_WAIT_S + self.cfg.rollout.push_timeout_s
+        return _Sync(version=version, refs=refs, started=started, deadline=deadline)
+
+    def _finish_sync(self, sync: _Sync, wait: bool) -> bool:
+        """Collect the actors' answers to a sync; True when all answered (or were handled)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        timeout = max(0.0, sync.deadline - time.monotonic()) if wait else 0
+        done, pending = ray.wait(list(sync.refs), num_returns=len(sync.refs), timeout=timeout)
+        if pending and not wait:
+            return False
+        for ref in done:
+            index = sync.refs[ref]
+            try:
+                ray.get(ref)
+            except RayActorError as err:
+                # it died while loading: Ray restarts it and it catches up from the board
+                self._actor_died(index, err)
+            except Exception as err:  # WeightSyncError and friends: the engine may hold mixed weights
+                self.sync_failures += 1
+                self.telemetry.count("weight_sync_failures_total")
+                self._restart_broken(index, f"weight sync to version {sync.version} failed: {err}")
+        for ref in pending:
+            index = sync.refs[ref]
+            self.sync_failures += 1
+            self.telemetry.count("weight_sync_failures_total")
+            self._restart_broken(
+                index,
+                f"did not load weight version {sync.version} within "
+                f"{self.cfg.rollout.weight_sync.timeout_s:.0f} s (rollout.weight_sync.timeout_s)",
+            )
+        seconds = time.monotonic() - sync.started
+        self.telemetry.observe_sync(seconds)
+        log.info("weight version %d on %d rollout actors in %.2f s", sync.version, len(done), seconds)
+        return True
+
+    def _count_restart(self, index: int, reason: str) -> None:
+        """Count one restart of actor ``index``; past ``rollout.max_restarts`` the run stops."""
+        self.rollout_restarts += 1
+        self.restarts_by_actor[index] = self.restarts_by_actor.get(index, 0) + 1
+        if self.restarts_by_actor[index] > self.cfg.rollout.max_restarts:
+            raise PipelineError(
+                f"rollout actor {index}: {reason}; it has been restarted {self.restarts_by_actor[index] - 1} "
+                f"times (rollout.max_restarts={self.cfg.rollout.max_restarts}). Check its log under "
+                "/tmp/ray/session_latest/logs (worker-*.err)"
+            )
+
+    def _actor_died(self, index: int, err: Exception) -> None:
+        """A call to rollout actor ``index`` failed because its process is gone.
+
+        ``ActorUnavailableError``: Ray is restarting it (``max_restarts``); the restarted actor
+        catches up from the weight board and its prompt cursor, so the driver only counts the
+        restart once and backs off until a call succeeds again. ``ActorDiedError``: Ray gave up
+        (restarts exhausted, or its constructor failed), so the run stops with the cause.
+        """
+        from ray.exceptions import ActorUnavailableError
+
+        now = time.monotonic()
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not isinstance(err, ActorUnavailableError):
+            raise PipelineError(
+                f"rollout actor {index} is dead and Ray will not restart it "
+                f"(rollout.max_restarts={self.cfg.rollout.max_restarts}): {first_line}. "
+                "Its log is under /tmp/ray/session_latest/logs (worker-*.err)"
+            ) from err
+        if index not in self.unavailable_since:
+            self.unavailable_since[index] = now
+            self.telemetry.count("rollout_actor_deaths_total")
+            self._count_restart(index, f"died ({first_line})")
+            log.warning("rollout actor %d died (%s); Ray restarts it", index, first_line)
+        elif now - self.unavailable_since[index] > RESTART_DEADLINE_S:
+            raise PipelineError(
+                f"rollout actor {index} has not come back {RESTART_DEADLINE_S:.0f} s after it died "
+                f"({first_line}); see /tmp/ray/session_latest/logs"
+            ) from err
+        self.retry_at[index] = now + 1.0
+
+    def _restart_broken(self, index: int, reason: str) -> None:
+        """Kill a rollout actor whose engine may hold mixed weights so Ray starts it afresh."""
+        import ray
+
+        log.error("rollout actor %d: %s; restarting it", index, reason)
+        self.telemetry.count("rollout_actor_restarts_total")
+        self._count_restart(index, reason)
+        ray.kill(self.actors[index], no_restart=False)
+        # its next calls fail while Ray restarts it: that is this restart, not another death
+        self.unavailable_since[index] = time.monotonic()
+
+    def _checkpoint(self) -> None:
+        import pyarrow as pa
+        import ray
+
+        from learner.actor import call_all
+
+        started = time.monotonic()
+        path = self.run.checkpoint(self.step)
+        call_all(self.learners, "save_checkpoint", str(path))
+        saved = time.monotonic()
+        state = {
+            "step": self.step,
+            "policy_version": self.version,
+            "consumed_groups": self.consumed_groups,
+            "rows_acked": self.rows_acked,
+            "wall_seconds": self.wall_offset + time.monotonic() - self.t0,
+            "probe_entropy": self.last_probe,
+        }
+        # rows leased since the last checkpoint are acked only once the checkpoint holds their effect
+        if self.unacked:
+            ids = pa.concat_arrays(self.unacked)
+            result = ray.get(self.buffer.ack.remote(ids))
+            self.rows_acked += len(ids)
+            self.unacked = []
+            log.debug("acked %d rows: %s", len(ids), result)
+        state["rows_acked"] = self.rows_acked
+        write_atomic(path / DRIVER_STATE_FILE, json.dumps(state, indent=1) + "\n")
+        self.metrics_log.flush()
+        self._prune_checkpoints()
+        log.info(
+            "checkpoint step %d: learner save %.1f s, ack + driver state %.1f s",
+            self.step,
+            saved - started,
+            time.monotonic() - saved,
+        )
+
+    def _prune_checkpoints(self) -> None:
+        import shutil
+
+        steps = sorted(
+            int(p.name.split("_")[1])
+            for p in self.run.checkpoints.glob("step_*")
+            if p.name.split("_")[1].isdigit() and (p / DRIVER_STATE_FILE).is_file()
+        )
+        for step in steps[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(self.run.checkpoint(step), ignore_errors=True)
+
+    # ---- progress -----------------------------------------------------------------------------
+
+    def _progress_bar(self, total: int) -> Any:
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=total, initial=self.step, desc=f"{self.cfg.run.name} [{self.cfg.run.mode}]", unit="step"
+        )
+
+    @staticmethod
+    def _update_bar(bar: Any, row: dict[str, float]) -> None:
+        if bar is None:
+            return
+        bar.update(1)
+        bar.set_postfix(
+            reward=f"{row.get('reward_mean', math.nan):.3f}",
+            entropy=f"{row.get('entropy_mean', math.nan):.3f}",
+            stale=f"{row.get('staleness_mean', math.nan):.2f}",
+            tok_s=f"{row.get('train_tokens_per_s', math.nan):.0f}",
+            refresh=False,
+        )
+
+    # ---- the end ------------------------------------------------------------------------------
+
+    def finish(self) -> TrainResult:
+        import ray
+
+        from driftrl.report import write_report
+        from learner.actor import call_all
+
+        call_all(self.learners, "export_pretrained", str(self.run.final_model), self.cfg.model.path)
+        self.buffer_stats = ray.get(self.buffer.stats.remote())
+        self.telemetry.record_buffer(self.buffer_stats)
+        self.metrics_log.flush()
+        summary = write_report(
+            self.run.root,
+            extra={
+                "policy_version": self.version,
+                "rows_acked": self.rows_acked,
+                "rollout_restarts": self.rollout_restarts,
+                "weight_sync_failures": self.sync_failures,
+                "final_model": str(self.run.final_model),
+            },
+        )
+        return TrainResult(
+            run_dir=self.run.root,
+            steps=self.step,
+            policy_version=self.version,
+            final_model=self.run.final_model,
+            summary_path=summary,
+            metrics_url=self.server.url,
+            seconds=self.wall_offset + time.monotonic() - self.t0,
+            buffer_stats=self.buffer_stats,
+            rows_acked_by_driver=self.rows_acked,
+            rollout_restarts=self.rollout_restarts,
+            sync_failures=self.sync_failures,
+        )
+
+    def close(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+            if self.learners is not None:
+                self.learners.shutdown()
+            for handle in (self.buffer, self.board):
+                if handle is not None:
+                    ray.kill(handle, no_restart=True)
+            if self.started_ray:
+                ray.shutdown()
+        if self.server is not None:
+            self.server.stop()
+
+
+def train(
+    cfg: DriftConfig,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    on_step: Callable[[Driver, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Run (or resume) one training run; returns where its results are.
+
+    Args:
+        cfg: the run config (for a resume: the stored config with any overrides applied).
+        resume: a run directory to continue from its newest checkpoint.
+        progress: draw the progress bar.
+        on_step: called after every learner step with the driver and the step's metrics row
+            (tests use it to inject faults).
+    """
+    if resume is not None:
+        run = RunDir(Path(resume))
+        latest = run.latest_checkpoint()
+        if latest is None:
+            raise ConfigError(
+                f"{run.root} holds no complete checkpoint to resume from; start a new run instead"
+            )
+        resume_step: int | None = latest[0]
+    else:
+        run = create_run_dir(cfg)
+        resume_step = None
+    _log_to(run)
+    driver = Driver(cfg, run, resume_step=resume_step, progress=progress, on_step=on_step)
+    try:
+        driver.start()
+        driver.loop()
+        return driver.finish()
+    finally:
+        driver.close()
+
+
+def _log_to(run: RunDir) -> None:
+    run.logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run.logs / "driver.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("driftrl")
+    root.setLevel(logging.INFO)
+    for old in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+
+
+def _config_for(args: argparse.Namespace) -> tuple[DriftConfig, str | None]:
+    resume = getattr(args, "resume", None)
+    if resume:
+        _, cfg = open_run_dir(resume, args.overrides)
+        return cfg, resume
+    return load_config(args.config, args.overrides), None
+
+
+def _print_result(result: TrainResult) -> None:
+    print(result.summary_path.read_text(), end="")
+    print(f"run directory: {result.run_dir}   final model: {result.final_model}   ({result.seconds:.0f} s)")
+
+
+def train_main(args: argparse.Namespace) -> int:
+    """``driftrl train --config FILE [overrides]`` or ``driftrl train --resume RUN_DIR [overrides]``."""
+    cfg, resume = _config_for(args)
+    result = train(cfg, resume=resume, progress=not getattr(args, "no_progress", False))
+    _print_result(result)
+    return 0
+
+
+def heldout_accuracy(cfg: DriftConfig, model_dir: str | Path) -> float:
+    """Greedy exact-match accuracy of ``model_dir`` on the held-out split (synthetic task)."""
+    from transformers import AutoTokenizer
+
+    from driftrl.heldout import answer_token_budget, evaluate_accuracy
+    from driftrl.synthetic_task import load_rows
+
+    rows = load_rows(cfg.task.eval_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    budget = answer_token_budget(tokenizer, rows, cfg.task.answer_key)
+    return evaluate_accuracy(
+        str(model_dir), None, rows, budget, prompt_key=cfg.task.prompt_key, answer_key=cfg.task.answer_key
+    )
+
+
+def run_main(args: argparse.Namespace) -> int:
+    """``driftrl run``: set up the tiny default (cached), train, and compare held-out accuracy."""
+    from driftrl.warm_start import ensure_tiny_setup
+
+    cfg, resume = _config_for(args)
+    if resume is None and cfg.task.type != "synthetic":
+        raise ConfigError(
+            "driftrl run is the embedded synthetic default; use `driftrl train` for task.type=math"
+        )
+    ensure_tiny_setup(cfg, progress=not getattr(args, "no_progress", False))
+    before = heldout_accuracy(cfg, cfg.model.path)
+    print(f"held-out greedy accuracy of the starting policy {cfg.model.path}: {before:.3f}")
+    result = train(cfg, resume=resume, progress=not getattr(args, "no_progress", False))
+    after = heldout_accuracy(cfg, result.final_model)
+    _print_result(result)
+    print(f"held-out greedy accuracy: {before:.3f} before -> {after:.3f} after RL ({after - before:+.3f})")
+    write_atomic(
+        result.run_dir / "heldout_accuracy.json",
+        json.dumps({"before": before, "after": after, "steps": result.steps}) + "\n",
+    )
+    return 0
