@@ -160,6 +160,7 @@ class Driver:
         self.sync_failures = 0
         self.unacked: list[Any] = []  # pyarrow arrays of traj ids leased since the last checkpoint
         self.predicted_since_sync = 0.0
+        self.last_sync_seconds = math.nan  # the latest finished sync, publish to every actor loaded
         self.last_probe: float | None = None
         self.wall_offset = 0.0
         self.t0 = time.monotonic()
@@ -401,6 +402,7 @@ class Driver:
         row["buffer_rows_leased"] = float(self.buffer_stats.get("rows_leased", 0))
         rates = [float(s.get("tokens_per_s", 0.0)) for s in self.rollout_stats.values()]
         row["rollout_tokens_per_s"] = sum(rates)
+        row["sync_seconds"] = self.last_sync_seconds
         row["step"] = float(self.step)
         return row
 
@@ -453,6 +455,7 @@ class Driver:
                 f"{self.cfg.rollout.weight_sync.timeout_s:.0f} s (rollout.weight_sync.timeout_s)",
             )
         seconds = time.monotonic() - sync.started
+        self.last_sync_seconds = seconds
         self.telemetry.observe_sync(seconds)
         log.info("weight version %d on %d rollout actors in %.2f s", sync.version, len(done), seconds)
         return True

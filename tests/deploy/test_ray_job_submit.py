@@ -28,12 +28,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SUBMIT = REPO / "deploy" / "ray-job-submit.sh"
 
-# The driftrl command line the job runs (after `python -m driftrl.cli`), and what its logs must
-# contain. Switch to the tiny training run once `driftrl train` exists, e.g.
-#   ENTRYPOINT = ["train", "--config", "configs/tiny-cpu.yaml", "learner.total_steps=2"]
-#   EXPECTED_IN_LOGS = "<the line train prints when it finishes>"
-ENTRYPOINT = ["check-config", "--config", "configs/qwen2.5-7b-dapo.yaml", "run.name=submitted by test"]
-EXPECTED_IN_LOGS = "name: submitted by test"
+# The job: two learner steps of the tiny default on the test's head (2 CPUs: one for the rollout
+# actor, one for the learner), with a model and data made by the test at absolute paths (the
+# uploaded checkout excludes runs/). The override with a space checks quoting end to end.
+RUN_NAME = "submitted by test"
+EXPECTED_IN_LOGS = "run directory:"
 JOB_TIMEOUT_S = 600
 
 
@@ -181,15 +180,37 @@ def _submit(url: str, env: dict[str, str], *driftrl_args: str) -> subprocess.Com
     )
 
 
+@pytest.fixture(scope="module")
+def tiny_job_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from driftrl.synthetic_task import write_dataset
+    from driftrl.tiny_model import make_tiny_model
+
+    root = tmp_path_factory.mktemp("job-inputs")
+    make_tiny_model(root / "model", seed=0)
+    write_dataset(root / "train.parquet", root / "heldout.parquet", seed=0, n_train=500, n_heldout=32)
+    return {"root": root, "model": root / "model"}
+
+
 @pytest.mark.slow
-def test_submitted_job_runs_from_the_uploaded_checkout_and_succeeds(ray_head) -> None:
+def test_submitted_job_runs_from_the_uploaded_checkout_and_succeeds(ray_head, tiny_job_inputs) -> None:
     url, env = ray_head
-    result = _submit(url, env, *ENTRYPOINT)
+    root = tiny_job_inputs["root"]
+    entrypoint = [
+        "train", "--config", "configs/tiny-cpu.yaml", "--no-progress",
+        f"run.name={RUN_NAME}", f"run.root_dir={root / 'runs'}",
+        f"model.path={tiny_job_inputs['model']}", "model.tiny=false",
+        f"task.train_path={root / 'train.parquet'}", f"task.eval_path={root / 'heldout.parquet'}",
+        "learner.total_steps=2", "learner.checkpoint_interval=2", "metrics.port=0",
+    ]  # fmt: skip
+    result = _submit(url, env, *entrypoint)
     assert result.returncode == 0, result.stdout + result.stderr
     job_id, _, logs = result.stdout.partition("\n")
     assert job_id.startswith("driftrl-"), result.stdout
-    # The override with a space arrived as one word: quoting survives the script and Ray's shell.
     assert EXPECTED_IN_LOGS in logs, result.stdout + result.stderr
+    # The override with a space arrived as one word: quoting survives the script and Ray's shell.
+    run_dir = root / "runs" / RUN_NAME
+    assert (run_dir / "final_model" / "config.json").is_file(), logs
+    assert (run_dir / "checkpoints" / "step_2" / "driver.json").is_file()
     status = subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "job", "status", "--address", url, job_id],
         env=env, capture_output=True, text=True, timeout=60,
