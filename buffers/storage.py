@@ -2,8 +2,8 @@
 
 The buffer needs four operations, each on whole small files: write a file so that readers see all of
 it or none of it, read a file, list a folder, delete a file. :class:`BufferStore` is that interface;
-:class:`LocalDirStore` implements it with POSIX calls (``fsync`` + ``rename``, the only way to make a
-local write survive power loss as well as ``SIGKILL``), :class:`ArrowFileSystemStore` with
+:class:`LocalDirStore` implements it with POSIX calls (write + ``rename``, which survives a ``SIGKILL``;
+with ``fsync`` also a power loss), :class:`ArrowFileSystemStore` with
 ``pyarrow.fs`` for everything else (S3, GCS, HDFS, fsspec filesystems such as ``memory://``).
 
 One writer per URI: two buffers on the same URI would interleave sequence numbers and delete each
@@ -58,13 +58,13 @@ class BufferStore(ABC):
 class LocalDirStore(BufferStore):
     """A directory on the local filesystem.
 
-    ``write_atomic`` writes ``name.tmp``, ``fsync``s it, renames it over ``name`` and ``fsync``s the
-    directory: after a crash ``name`` is either absent or complete, and after ``write_atomic``
-    returns it survives power loss too (``fsync=False`` keeps the crash-safety against a killed
-    process, which needs no flush, and drops the power-loss guarantee).
+    ``write_atomic`` writes ``name.tmp`` and renames it over ``name``: after a crash of the process
+    ``name`` is either absent or complete (the kernel holds the written bytes; no flush is needed
+    for that). With ``fsync=True`` it also ``fsync``s the file before the rename and the directory
+    after it, so that after ``write_atomic`` returns the file survives a power loss too.
     """
 
-    def __init__(self, uri: str, root: Path, fsync: bool = True) -> None:
+    def __init__(self, uri: str, root: Path, fsync: bool = False) -> None:
         super().__init__(uri)
         self.root = root
         self.fsync = fsync
@@ -76,9 +76,15 @@ class LocalDirStore(BufferStore):
     def write_atomic(self, name: str, data: pa.Buffer) -> None:
         path = self.root / name
         tmp = path.with_name(path.name + TMP_SUFFIX)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                fd = os.open(tmp, flags, 0o644)
+            except FileNotFoundError:  # the folder's first file (a mkdir per write costs more)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if self.fsync:  # the new folder's own entry
+                    self._fsync_dir(path.parent.parent)
+                fd = os.open(tmp, flags, 0o644)
             try:
                 view = memoryview(data)
                 while view:
@@ -89,13 +95,17 @@ class LocalDirStore(BufferStore):
                 os.close(fd)
             os.replace(tmp, path)
             if self.fsync:
-                dir_fd = os.open(path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+                self._fsync_dir(path.parent)
         except OSError as exc:
             raise BufferStorageError(f"cannot write {self.describe(name)}: {exc}") from exc
+
+    @staticmethod
+    def _fsync_dir(folder: Path) -> None:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def read(self, name: str) -> pa.Buffer:
         try:
@@ -176,7 +186,7 @@ class ArrowFileSystemStore(BufferStore):
             raise BufferStorageError(f"cannot delete {self.describe(name)}: {exc}") from exc
 
 
-def open_store(uri: str, fsync: bool = True) -> BufferStore:
+def open_store(uri: str, fsync: bool = False) -> BufferStore:
     """The store for ``uri``: a local path or ``file://`` URI, a URI ``pyarrow.fs`` knows, else fsspec.
 
     Raises:

@@ -11,6 +11,7 @@ group, so when any row of a group is rejected the other rows of that group are r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,8 @@ def conform_input(rows: Any) -> ConformedInput:
         shown = version.decode(errors="replace")
         detail = f"rollout schema version {shown}, the buffer reads {SCHEMA_VERSION}"
         return ConformedInput(None, table.num_rows, traj_ids, SCHEMA_MISMATCH, detail)
+    if table.schema.equals(ROLLOUT_SCHEMA, check_metadata=True):  # as records_to_table builds it
+        return ConformedInput(table, table.num_rows, traj_ids)
     got = {f.name: f.type for f in table.schema}
     problems = [
         f"{f.name}: expected {f.type}, got {got[f.name] if f.name in got else 'absent'}"
@@ -150,7 +153,9 @@ def validate_rows(
         if not field.nullable and arr.null_count:
             null |= _np_bool(arr.is_null())
         if pa.types.is_list(field.type):
-            null |= _rows_with(arr, pc.is_null(pc.list_flatten(arr)))
+            values = pc.list_flatten(arr)
+            if values.null_count:
+                null |= _rows_with(arr, values.is_null())
     reject(NULL_FIELD, null)
     reject(BAD_GROUP_SIZE, _np_bool(pc.less(col["group_size"], 1)))
 
@@ -159,12 +164,23 @@ def validate_rows(
     reject(EMPTY_PROMPT, prompt_len == 0)
     reject(EMPTY_RESPONSE, response_len == 0)
     reject(LENGTH_MISMATCH, _lengths(col["behaviour_logprobs"]) != response_len)
-    negative_token = _rows_with(col["prompt_ids"], pc.less(pc.list_flatten(col["prompt_ids"]), 0))
-    negative_token |= _rows_with(col["response_ids"], pc.less(pc.list_flatten(col["response_ids"]), 0))
+    # Per-token checks: one aggregate over the values first, and the element-wise pass that finds
+    # the rows only when it says a push has a bad value (a clean push, the usual one, costs
+    # ~25 us instead of ~300 us per 100k tokens).
+    negative_token = np.zeros(n, dtype=bool)
+    for name in ("prompt_ids", "response_ids"):
+        values = pc.list_flatten(col[name])
+        if (pc.min(values).as_py() or 0) < 0:
+            negative_token |= _rows_with(col[name], pc.less(values, 0))
     reject(NEGATIVE_TOKEN_ID, negative_token)
     logprobs = pc.list_flatten(col["behaviour_logprobs"])
-    reject(NONFINITE_LOGPROB, _rows_with(col["behaviour_logprobs"], pc.invert(pc.is_finite(logprobs))))
-    reject(POSITIVE_LOGPROB, _rows_with(col["behaviour_logprobs"], pc.greater(logprobs, 0.0)))
+    # all finite and <= 0 iff the sum is finite (NaN and inf propagate) and the max is <= 0; numpy,
+    # on a zero-copy view, because Arrow's float max costs 10x its int min. Nulls become NaN and a
+    # sum may overflow: both only send the push down the exact path.
+    values = np.asarray(logprobs.to_numpy(zero_copy_only=False))
+    if not (math.isfinite(values.sum()) and values.max(initial=0.0) <= 0.0):
+        reject(NONFINITE_LOGPROB, _rows_with(col["behaviour_logprobs"], pc.invert(pc.is_finite(logprobs))))
+        reject(POSITIVE_LOGPROB, _rows_with(col["behaviour_logprobs"], pc.greater(logprobs, 0.0)))
     reject(NONFINITE_REWARD, ~_np_bool(pc.is_finite(col["reward"])))
     advantage = col["advantage"]
     reject(NONFINITE_ADVANTAGE, _np_bool(pc.and_(advantage.is_valid(), pc.invert(pc.is_finite(advantage)))))
@@ -203,11 +219,17 @@ def validate_rows(
 
 def _np_bool(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A boolean Arrow result as numpy, nulls (from null inputs, already rejected) as False."""
-    return np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
+    return _np_filled(arr, False, bool)
 
 
 def _np_int(arr: pa.Array) -> np.ndarray:
-    return np.asarray(pc.fill_null(arr, 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    return _np_filled(arr, 0, np.int64)
+
+
+def _np_filled(arr: pa.Array | pa.ChunkedArray, fill: bool | int, dtype: type) -> np.ndarray:
+    # fill_null costs ~35 us a call even on an array without nulls, ~14 calls a push
+    filled = pc.fill_null(arr, fill) if arr.null_count else arr
+    return np.asarray(filled.to_numpy(zero_copy_only=False), dtype=dtype)
 
 
 def _lengths(list_array: pa.Array) -> np.ndarray:

@@ -301,3 +301,31 @@ def test_files_are_durable_before_push_returns(tmp_path, make_groups):
     buffer.push(make_groups(["g"]))
     (segment,) = Path(tmp_path, "segments").iterdir()
     assert ipc.open_file(str(segment)).read_all().num_rows == 4
+
+
+def test_only_small_push_files_are_compacted(tmp_path, make_groups):
+    small = make_groups(["s0"])
+    uri = tmp_path / "buf"
+    # the 32-group push is ~32x a one-group push: above the bar, so never rewritten
+    buffer = ReplayBuffer(config(compact_min_files=2, compact_below_bytes=4 * small.nbytes), str(uri))
+    buffer.push(make_groups([f"b{k}" for k in range(32)]))
+    buffer.push(small)
+    assert buffer.stats()["compactions"] == 0  # one small file so far
+    buffer.push(make_groups(["s1"], seed=1))
+    names = sorted(p.name for p in (uri / "segments").iterdir())
+    assert [n.split(".", 1)[1] for n in names] == ["push.arrow", "segment.arrow"]
+    assert buffer.stats()["compactions"] == 1
+    restarted = ReplayBuffer(config(), str(uri))
+    assert groups_of(restarted.sample(40, learner_version=0)) == [f"b{k}" for k in range(32)] + ["s0", "s1"]
+
+
+def test_groups_whose_rows_interleave_in_a_file_are_served_whole(tmp_path, make_groups):
+    uri = tmp_path / "buf"
+    (uri / "segments").mkdir(parents=True)
+    table = make_groups(["a", "b"])  # rows a/0..a/3, b/0..b/3
+    interleaved = table.take([0, 4, 1, 5, 2, 6, 3, 7])
+    with ipc.new_file(str(uri / "segments" / "0000000000000000.push.arrow"), table.schema) as writer:
+        writer.write_table(interleaved)
+    sampled = ReplayBuffer(config(), str(uri)).sample(2, learner_version=0)
+    assert ids_of(sampled) == ["a/0", "a/1", "a/2", "a/3", "b/0", "b/1", "b/2", "b/3"]
+    assert sampled.equals(table)

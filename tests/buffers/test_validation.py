@@ -134,3 +134,34 @@ def test_batches_reordered_columns_and_lost_nullability_are_accepted(buffer, mak
     assert buffer.push([]).accepted == 0
     assert buffer.stats()["pushed"] == 16
     assert UNKNOWN_TRAJ_ID not in str(buffer.stats())
+
+
+def test_bad_tokens_are_found_beside_null_tokens_in_the_same_push(buffer):
+    # the per-token checks look at all values of a push at once; a null value (NaN to numpy, skipped
+    # by Arrow's min) must not hide a bad value in another row
+    breakers = {
+        "null-token": ("null_field", lambda r: r.update(prompt_ids=[None] + r["prompt_ids"][1:])),
+        "negative": ("negative_token_id", lambda r: r.update(prompt_ids=[-1] + r["prompt_ids"][1:])),
+        "null-logprob": (
+            "null_field",
+            lambda r: r.update(behaviour_logprobs=[None] + r["behaviour_logprobs"][1:]),
+        ),
+        "positive": (
+            "positive_logprob",
+            lambda r: r.update(behaviour_logprobs=[0.5] * len(r["response_ids"])),
+        ),
+        "minus-inf": (
+            "nonfinite_logprob",
+            lambda r: r.update(behaviour_logprobs=[-math.inf] + r["behaviour_logprobs"][1:]),
+        ),
+    }
+    records = group_records("good")
+    expected = {}
+    for key, (reason, breaker) in breakers.items():
+        group = group_records(key)
+        breaker(group[1])
+        expected[group[1]["traj_id"]] = reason
+        records += group
+    result = buffer.push(records_to_table(records))
+    assert result.accepted == 4
+    assert {t: r for t, r in result.rejected if r != INCOMPLETE_GROUP} == expected
