@@ -67,7 +67,7 @@ def run_mode(mode: str, steps: int, root: Path, overrides: list[str]) -> dict[st
     pinned: dict[str, list[int]] = {}
 
     def on_step(driver, row) -> None:
-        if driver.step == 1 and len(cores) >= 2:
+        if int(row["step"]) == 1 and len(cores) >= 2:
             pinned["rollout"] = _pin_tree(ray.get(driver.actors[0].pid.remote()), cores[0])
             pinned["learner"] = _pin_tree(ray.get(driver.learners.actors[0].pid.remote()), cores[1])
 

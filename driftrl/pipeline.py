@@ -76,6 +76,7 @@ class _Sync:
     refs: dict[Any, int]
     started: float
     deadline: float
+    publish: list[Any]  # the learner ranks' publish_weights calls (rank 0's result is the manifest)
 
 
 def _probe_batch(cfg: DriftConfig) -> tuple[Any, Any]:
@@ -161,6 +162,8 @@ class Driver:
         self.unacked: list[Any] = []  # pyarrow arrays of traj ids leased since the last checkpoint
         self.predicted_since_sync = 0.0
         self.last_sync_seconds = math.nan  # the latest finished sync, publish to every actor loaded
+        self.last_train_done: float | None = None
+        self.learner_wait_s = math.nan
         self.last_probe: float | None = None
         self.wall_offset = 0.0
         self.t0 = time.monotonic()
@@ -181,6 +184,11 @@ class Driver:
         from learner.actor import call_all, launch_learners
 
         cfg = self.cfg
+        if cfg.rollout.weight_sync.transport != "ray_bytes":
+            raise ConfigError(
+                "rollout.weight_sync.transport: the driver wires only 'ray_bytes' so far; the NCCL "
+                "transport is available to custom drivers through actors.weight_sync"
+            )
         self.server = MetricsServer(self.telemetry, cfg.metrics.host, cfg.metrics.port).start()
         log.info("metrics at %s/metrics", self.server.url)
         self.started_ray = _init_ray(cfg)
@@ -248,11 +256,6 @@ class Driver:
         from actors.weight_sync import BytesWeightPublisher
         from learner.actor import call_all
 
-        if self.cfg.rollout.weight_sync.transport != "ray_bytes":
-            raise ConfigError(
-                "rollout.weight_sync.transport: the driver wires only 'ray_bytes' so far; the NCCL "
-                "transport is available to custom drivers through actors.weight_sync"
-            )
         publisher = BytesWeightPublisher(self.cfg.rollout.weight_sync.bucket_bytes)
         manifest = call_all(self.learners, "publish_weights", publisher, version)[0]
         # posted before the actors load it: an actor restarting meanwhile catches up from the board
@@ -262,6 +265,12 @@ class Driver:
     # ---- the loop -----------------------------------------------------------------------------
 
     def loop(self) -> None:  # noqa: C901 - one event loop reads best in one place
+        """Run learner steps until ``learner.total_steps``.
+
+        The learner never waits for the driver: when step ``k`` ends, the weight publication and the
+        probe are queued on the learner actors at once (their results are handled when they come),
+        followed by step ``k+1`` on a batch sampled while step ``k`` was training.
+        """
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
@@ -271,12 +280,41 @@ class Driver:
         gen_refs: dict[Any, int] = {}
         stats_refs: dict[Any, int] = {}
         sample_ref: Any = None
+        next_table: Any = None  # a sampled batch waiting for the learner
         train_refs: list[Any] | None = None
         train_ids: Any = None
         pending_sync: _Sync | None = None
+        pending_probe: tuple[list[Any], dict[str, float]] | None = None
         buffer_stats_ref: Any = None
         last_stats = 0.0
         bar = self._progress_bar(total)
+
+        def version_of_next_step() -> int:
+            """The learner's policy version when the next step to be dispatched runs."""
+            if train_refs is None:
+                return self.version
+            syncs = (self.step + 1) % cfg.learner.sync_interval == 0 or self.step + 1 == total
+            return self.version + (1 if syncs else 0)
+
+        def dispatch_train() -> None:
+            nonlocal next_table, train_refs, train_ids
+            table, next_table = next_table, None
+            train_ids = table.column("traj_id").combine_chunks()
+            table_ref = ray.put(table)
+            train_refs = [a.call.remote("train_step", table_ref) for a in self.learners.actors]
+            if self.last_train_done is not None:
+                self.learner_wait_s = time.monotonic() - self.last_train_done
+
+        def finish_probe(wait: bool) -> None:
+            nonlocal pending_probe
+            if pending_probe is None:
+                return
+            refs, row = pending_probe
+            if not wait and len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
+                return
+            pending_probe = None
+            self._record_probe(float(self._learner_get(refs)[0]), row)
+            self._append_row(row, bar)
 
         try:
             while self.step < total:
@@ -290,11 +328,11 @@ class Driver:
                         if index not in gen_busy and self.retry_at.get(index, 0.0) <= now:
                             ref = actor.generate_step.remote(self.version, admitted, GENERATE_WAIT_S)
                             gen_refs[ref] = index
-                if sample_ref is None and train_refs is None and not (self.sync_mode and pending_sync):
+                steps_left = total - self.step - (1 if train_refs is not None else 0)
+                if sample_ref is None and next_table is None and steps_left > 0:
                     sample_ref = self.buffer.sample.remote(
-                        groups, self.version, self.max_staleness, cfg.learner.sample_timeout_s
+                        groups, version_of_next_step(), self.max_staleness, cfg.learner.sample_timeout_s
                     )
-                now = time.monotonic()
                 if now - last_stats >= STATS_EVERY_S:
                     last_stats = now
                     if buffer_stats_ref is None:
@@ -307,6 +345,7 @@ class Driver:
                 waiting += [sample_ref] if sample_ref is not None else []
                 waiting += [buffer_stats_ref] if buffer_stats_ref is not None else []
                 waiting += list(pending_sync.refs) if pending_sync else []
+                waiting += pending_probe[0] if pending_probe else []
                 ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
 
                 for ref in ready:
@@ -333,52 +372,43 @@ class Driver:
                         self.telemetry.record_buffer(self.buffer_stats)
                     elif ref is sample_ref:
                         sample_ref = None
-                        table = ray.get(ref)
-                        n_groups = len(set(table.column("group_id").to_pylist())) if table.num_rows else 0
-                        if n_groups < groups:
-                            if table.num_rows:
-                                ray.get(self.buffer.release.remote(table.column("traj_id").to_pylist()))
-                            raise PipelineError(
-                                f"the learner waited {cfg.learner.sample_timeout_s:.0f} s for {groups} groups "
-                                f"and got {n_groups}: the rollout actors produce nothing (see their stats at "
-                                f"{self.server.url}/metrics and Ray's logs under /tmp/ray/session_latest/logs)"
-                            )
-                        train_ids = table.column("traj_id").combine_chunks()
-                        table_ref = ray.put(table)
-                        train_refs = [a.call.remote("train_step", table_ref) for a in self.learners.actors]
-                        self.consumed_groups += n_groups
+                        next_table = self._checked_batch(ray.get(ref))
+                        self.consumed_groups += groups
+                        if train_refs is None:
+                            dispatch_train()
                     elif train_refs is not None and ref in train_refs:
-                        done, _ = ray.wait(train_refs, num_returns=len(train_refs), timeout=0)
-                        if len(done) < len(train_refs):
+                        if len(ray.wait(train_refs, num_returns=len(train_refs), timeout=0)[0]) < len(
+                            train_refs
+                        ):
                             continue
-                        try:
-                            metrics = ray.get(train_refs)[0]
-                        except RayActorError as err:
-                            raise PipelineError(
-                                f"a learner rank died during step {self.step + 1}; the run can go on from its "
-                                f"last checkpoint: driftrl train --resume {self.run.root}"
-                            ) from err
+                        metrics = self._learner_get(train_refs)[0]
                         train_refs = None
+                        self.last_train_done = time.monotonic()
                         self.unacked.append(train_ids)
                         self.step += 1
                         row = self._after_step(metrics)
                         if self.step % cfg.learner.sync_interval == 0 or self.step == total:
-                            pending_sync = self._start_sync(row)
-                        self.metrics_log.append(row)
-                        if self.step % cfg.learner.checkpoint_interval == 0 or self.step == total:
+                            finish_probe(wait=True)  # keeps realised ΔH between consecutive syncs
                             if pending_sync is not None:
                                 self._finish_sync(pending_sync, wait=True)
-                                pending_sync = None
+                            pending_sync, probe_refs = self._start_sync()
+                            pending_probe = (probe_refs, row)
+                        else:
+                            self._append_row(row, bar)
+                        if self.step % cfg.learner.checkpoint_interval == 0 or self.step == total:
+                            finish_probe(wait=True)
                             self._checkpoint()
-                        if self.on_step is not None:
-                            self.on_step(self, row)
-                        self._update_bar(bar, row)
+                        if next_table is not None and self.step < total:
+                            dispatch_train()
                     elif pending_sync is not None and ref in pending_sync.refs:
                         if self._finish_sync(pending_sync, wait=False):
                             pending_sync = None
+                    elif pending_probe is not None and ref in pending_probe[0]:
+                        finish_probe(wait=False)
                 if pending_sync is not None and time.monotonic() > pending_sync.deadline:
                     self._finish_sync(pending_sync, wait=True)
                     pending_sync = None
+            finish_probe(wait=True)
             if pending_sync is not None:
                 self._finish_sync(pending_sync, wait=True)
         except GetTimeoutError as err:
@@ -388,6 +418,50 @@ class Driver:
                 bar.close()
             for ref in gen_refs:
                 ray.cancel(ref)
+
+    def _checked_batch(self, table: Any) -> Any:
+        """The sampled table, or a clear error when the rollout side produced too little in time."""
+        import ray
+
+        groups = self.cfg.learner.groups_per_step
+        n_groups = len(set(table.column("group_id").to_pylist())) if table.num_rows else 0
+        if n_groups < groups:
+            if table.num_rows:
+                ray.get(self.buffer.release.remote(table.column("traj_id").to_pylist()))
+            raise PipelineError(
+                f"the learner waited {self.cfg.learner.sample_timeout_s:.0f} s for {groups} groups and got "
+                f"{n_groups}: the rollout actors produce nothing (see their stats at {self.server.url}/metrics "
+                "and Ray's logs under /tmp/ray/session_latest/logs)"
+            )
+        return table
+
+    def _learner_get(self, refs: list[Any]) -> list[Any]:
+        """``ray.get`` of learner calls; a dead rank becomes the resume instruction."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            return ray.get(refs)
+        except RayActorError as err:
+            raise PipelineError(
+                f"a learner rank died after step {self.step}; the run can go on from its last checkpoint: "
+                f"driftrl train --resume {self.run.root}"
+            ) from err
+
+    def _append_row(self, row: dict[str, float], bar: Any) -> None:
+        self.metrics_log.append(row)
+        if self.on_step is not None:
+            self.on_step(self, row)
+        self._update_bar(bar, row)
+
+    def _record_probe(self, probe: float, row: dict[str, float]) -> None:
+        realised = probe - self.last_probe if self.last_probe is not None else math.nan
+        row["probe_entropy"] = probe
+        row["realised_delta_entropy"] = realised
+        row["predicted_delta_entropy_since_sync"] = self.predicted_since_sync
+        self.telemetry.record_probe(probe, realised)
+        self.last_probe = probe
+        self.predicted_since_sync = 0.0
 
     def _after_step(self, metrics: dict[str, float]) -> dict[str, float]:
         from driftrl.report import learner_row
@@ -403,27 +477,38 @@ class Driver:
         rates = [float(s.get("tokens_per_s", 0.0)) for s in self.rollout_stats.values()]
         row["rollout_tokens_per_s"] = sum(rates)
         row["sync_seconds"] = self.last_sync_seconds
+        row["learner_wait_seconds"] = self.learner_wait_s
         row["step"] = float(self.step)
         return row
 
-    def _start_sync(self, row: dict[str, float]) -> _Sync:
+    def _start_sync(self) -> tuple[_Sync, list[Any]]:
+        """Queue publication of version ``v+1`` and the probe on the learner; send it to the actors.
+
+        Nothing here waits: the manifest travels as an object ref that Ray resolves for the board
+        and for each actor's ``update_weights``. Returns the sync and the probe's refs.
+        """
+        from actors.weight_sync import BytesWeightPublisher
+
         started = time.monotonic()
-        version = self.version + 1
-        manifest = self._publish(version)
-        self.version = version
-        probe = self._probe()
-        realised = probe - self.last_probe if self.last_probe is not None else math.nan
-        row["probe_entropy"] = probe
-        row["realised_delta_entropy"] = realised
-        row["predicted_delta_entropy_since_sync"] = self.predicted_since_sync
-        self.telemetry.record_probe(probe, realised)
-        self.last_probe = probe
-        self.predicted_since_sync = 0.0
+        self.version += 1
+        publisher = BytesWeightPublisher(self.cfg.rollout.weight_sync.bucket_bytes)
+        publish_refs = [
+            a.call.remote("publish_weights", publisher, self.version) for a in self.learners.actors
+        ]
+        probe_refs = [
+            a.call.remote("probe_entropy", self.probe_ids, self.probe_mask) for a in self.learners.actors
+        ]
+        manifest = publish_refs[0]
+        # the board first: an actor restarting meanwhile catches up from it
+        self.board.post.remote(manifest)
         refs = {a.update_weights.remote(manifest): i for i, a in enumerate(self.actors)}
         timeout = self.cfg.rollout.weight_sync.timeout_s
-        # the update queues behind at most one generate_step call
+        # the update queues behind at most one generate_step call (and that call's push)
         deadline = started + timeout + GENERATE_WAIT_S + self.cfg.rollout.push_timeout_s
-        return _Sync(version=version, refs=refs, started=started, deadline=deadline)
+        sync = _Sync(
+            version=self.version, refs=refs, started=started, deadline=deadline, publish=publish_refs
+        )
+        return sync, probe_refs
 
     def _finish_sync(self, sync: _Sync, wait: bool) -> bool:
         """Collect the actors' answers to a sync; True when all answered (or were handled)."""
@@ -434,6 +519,8 @@ class Driver:
         done, pending = ray.wait(list(sync.refs), num_returns=len(sync.refs), timeout=timeout)
         if pending and not wait:
             return False
+        # a failed publication is the learner's error, not the actors'
+        self._learner_get(sync.publish)
         for ref in done:
             index = sync.refs[ref]
             try:

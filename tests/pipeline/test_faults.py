@@ -29,7 +29,7 @@ def test_rollout_actor_sigkill_restarts_resyncs_and_run_finishes(tiny_inputs, tm
     killed: dict[str, int] = {}
 
     def on_step(driver, row):
-        if driver.step == 3 and not killed:
+        if int(row["step"]) == 3 and not killed:
             pid = ray.get(driver.actors[0].pid.remote())
             os.kill(pid, signal.SIGKILL)
             killed.update(pid=pid, version=driver.version)
@@ -56,7 +56,7 @@ def test_learner_killed_then_resume_finishes_and_acks_every_row_once(tiny_inputs
     )
 
     def on_step(driver, row):
-        if driver.step == 4:
+        if int(row["step"]) == 4:
             pid = ray.get(driver.learners.actors[0].pid.remote())
             os.kill(pid, signal.SIGKILL)
 

@@ -56,7 +56,7 @@ def test_async_run_bounded_staleness_every_row_acked_once_and_scraped(tiny_input
     with PrometheusServer(f"127.0.0.1:{port}", prom_dir) as prom:
 
         def on_step(driver, row):
-            if driver.step == 6:
+            if int(row["step"]) == 6:
                 scrapes.append(_scrape(driver.server.url))
                 # the real server has scraped the live endpoint by now (1 s interval)
                 scrapes.append({"prometheus": prom.wait_for("driftrl_entropy", timeout_s=60)})
