@@ -2,6 +2,8 @@
 
     python -m experiments.entropy_dynamics.run --out runs/entropy_dynamics --seeds 2 --steps 40
 
+(The same comparison through the real Ray pipeline, with real off-policy data: pipeline_runs.py.)
+
 Builds the synthetic reversal data, the tiny policy and its warm start (cached in ``--out``), then
 
 1. one real policy-gradient step on the warm policy: realised vs predicted entropy change per token;
@@ -82,7 +84,7 @@ def evaluate(
     }
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
+def mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
 
 
@@ -109,7 +111,7 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], tail: int) -> dict[str
             values["entropy_change"] = values["entropy_final"] - values["entropy_first"]
             for key, v in values.items():
                 per_seed.setdefault(key, []).append(float(v))
-        out[method] = {key: _mean_std(v) for key, v in per_seed.items()}
+        out[method] = {key: mean_std(v) for key, v in per_seed.items()}
     return out
 
 
