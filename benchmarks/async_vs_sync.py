@@ -32,14 +32,22 @@ GOAL = 1.6
 
 
 def _pin_tree(pid: int, core: int) -> list[int]:
-    """Pin ``pid`` and its descendants to ``core``; returns the pids pinned."""
+    """Pin every thread of ``pid`` and of its descendants to ``core``; returns the pids pinned.
+
+    Thread by thread: ``sched_setaffinity(pid)`` moves only the thread whose id is ``pid``, and
+    vLLM's engine and torch/Ray keep work on other threads.
+    """
     import psutil
 
     proc = psutil.Process(pid)
     pinned = []
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            p.cpu_affinity([core])
+            for thread in p.threads():
+                try:
+                    os.sched_setaffinity(thread.id, {core})
+                except OSError:
+                    pass  # the thread ended meanwhile
             pinned.append(p.pid)
         except psutil.Error:
             pass
