@@ -71,7 +71,7 @@ LEARNER_EXPORTS: tuple[Export, ...] = (
     ),
     scalar(
         "driftrl_learner_cov_adv_weighted_s_centered",
-        "Batch covariance Cov(A, r*Sc); negative = pressure towards entropy collapse.",
+        "Batch covariance Cov(A, r*Sc); first order dH = -eta*Cov (ALGORITHM.md §2), so positive = entropy falling.",
         "cov_adv_weighted_s_centered",
     ),
     Export(

@@ -263,6 +263,16 @@ def ensure_tiny_setup(
         make_tiny_model(tmp, seed=seed)
         _replace_dir(tmp, init_dir)
     settings = settings or WarmStartSettings(seed=seed)
+    if record is not None and record.get("settings") != _settings_record(settings):
+        # the cache is shared by every run pointing at model.path: retraining it in place would
+        # silently change the starting policy of runs that already used it
+        from driftrl.config import ConfigError
+
+        raise ConfigError(
+            f"model.path={model_dir} holds a warm start made with other settings "
+            f"({record.get('settings')}); this run asks for {_settings_record(settings)}. Point "
+            f"model.path at another directory for it, e.g. model.path={model_dir.parent}-seed{seed}/warm"
+        )
     return warm_start(
         init_dir, model_dir, train_path, heldout_path, settings, cfg.task.prompt_key, cfg.task.answer_key, progress
     )

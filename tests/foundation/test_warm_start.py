@@ -81,3 +81,14 @@ def test_left_padded_batches_equal_one_prompt_at_a_time(setup) -> None:
     single = greedy_correct(model, tokenizer, rows, budget, batch_size=1)
     assert batched == single
     assert any(batched), "the warm policy should get some of these right"
+
+
+def test_a_warm_start_with_other_settings_is_refused_not_overwritten(setup) -> None:
+    from driftrl.config import ConfigError
+
+    cfg, record, root = setup
+    other = cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": cfg.run.seed + 1})})
+    before = (Path(cfg.model.path) / WARM_START_JSON).read_text()
+    with pytest.raises(ConfigError, match="model.path"):
+        ensure_tiny_setup(other, progress=False)
+    assert (Path(cfg.model.path) / WARM_START_JSON).read_text() == before
