@@ -366,9 +366,11 @@ def entropy_metrics(
     """Entropy-dynamics metrics of one step (ALGORITHM.md §3 and §5), 0-d detached tensors.
 
     Moments are over valid tokens (population std). ``predicted_entropy_change`` is
-    ``-Σ_t r_t A_t Sc_t / |T_B|``: the first-order entropy change of one policy-gradient step per
-    unit step size (ALGORITHM.md §2), and ``cov_adv_weighted_s_centered`` is ``Cov_t(A_t, r_t Sc_t)``,
-    the paper's collapse indicator (predominantly negative under GRPO).
+    ``-Σ_t r_t A_t Sc_t / |T|`` over the tokens the clip mask keeps (those the loss trains on): the
+    first-order entropy change of one policy-gradient step per unit step size (ALGORITHM.md §2).
+    ``cov_adv_weighted_s_centered`` is ``Cov_t(A_t, r_t Sc_t)`` over all valid tokens, the pressure
+    before masking; by §2's formula a positive value means entropy falling (ALGORITHM.md's prose
+    calls the GRPO collapse sign negative; the implementation follows the formula).
 
     Args:
         stats: token statistics of the batch (``[N]`` each).
@@ -402,7 +404,8 @@ def entropy_metrics(
         "driftrl_learner_cov_adv_weighted_s_centered": masked_mean(
             adv_centred * (weighted - masked_mean(weighted, valid)), valid
         ),
-        "driftrl_learner_predicted_entropy_change": -masked_mean(r * advantages * s_centered, valid),
+        # the step's own tokens: a dropped token leaves the loss, so it moves no logit
+        "driftrl_learner_predicted_entropy_change": -masked_mean(r * advantages * s_centered, valid & ~dropped),
     }
 
 

@@ -300,7 +300,7 @@ def test_entropy_bonus_gradient_is_the_entropy_gradient_in_expectation():
 
 def test_entropy_metrics_by_hand():
     # Sc = S* - E[S] = [1, -1, 2, 0 (padding)], A = [1, 1, -1, 9], r = [1, 2, 1, 1]:
-    # r·Sc = [1, -2, 2]; -Σ r A Sc / 3 = -(1 - 2 - 2)/3 = 1.0
+    # r·Sc = [1, -2, 2]; predicted over the kept tokens {1, 2}: -(1·2·(-1) + 1·(-1)·2)/2 = 2.0
     # Cov(A, r·Sc): mean A = 1/3, mean rSc = 1/3: Σ (A - 1/3)(rSc - 1/3)/3
     #   = [(2/3)(2/3) + (2/3)(-7/3) + (-4/3)(5/3)]/3 = (4/9 - 14/9 - 20/9)/3 = -30/27 = -1.1111
     stats = TokenStats(logp=torch.zeros(4), entropy=t(1, 2, 3, 100), s_star=t(1.5, -0.5, 2.5, 7),
@@ -310,7 +310,9 @@ def test_entropy_metrics_by_hand():
     m = entropy_metrics(stats, t(1, 1, -1, 9), valid, ratio=t(1, 2, 1, 1), keep_mask=keep)
     floats = metrics_to_floats(m)
     assert set(floats) <= set(METRIC_REDUCTIONS)
-    assert floats["driftrl_learner_predicted_entropy_change"] == pytest.approx(1.0)
+    assert floats["driftrl_learner_predicted_entropy_change"] == pytest.approx(2.0)
+    unmasked = metrics_to_floats(entropy_metrics(stats, t(1, 1, -1, 9), valid, ratio=t(1, 2, 1, 1)))
+    assert unmasked["driftrl_learner_predicted_entropy_change"] == pytest.approx(1.0)  # -(1-2-2)/3
     assert floats["driftrl_learner_cov_adv_weighted_s_centered"] == pytest.approx(-30 / 27)
     assert floats["driftrl_learner_entropy_mean"] == pytest.approx(2.0)  # padding's 100 ignored
     # dropped: token 0 of 3 valid; of A>0 tokens {0, 1}: 1/2; of A<0 tokens {2}: 0
