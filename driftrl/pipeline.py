@@ -661,7 +661,7 @@ class Driver:
     def _update_bar(bar: Any, row: dict[str, float]) -> None:
         if bar is None:
             return
-        bar.update(1)
+        # postfix first, so the redraw that update() triggers shows this step's numbers
         bar.set_postfix(
             reward=f"{row.get('reward_mean', math.nan):.3f}",
             entropy=f"{row.get('entropy_mean', math.nan):.3f}",
@@ -669,6 +669,7 @@ class Driver:
             tok_s=f"{row.get('train_tokens_per_s', math.nan):.0f}",
             refresh=False,
         )
+        bar.update(1)
 
     # ---- the end ------------------------------------------------------------------------------
 
