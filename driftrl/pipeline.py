@@ -808,6 +808,22 @@ def heldout_accuracy(cfg: DriftConfig, model_dir: str | Path) -> float:
     )
 
 
+def next_free_run(cfg: DriftConfig) -> DriftConfig:
+    """``cfg`` itself, or with ``run.name`` suffixed ``-2``, ``-3``… past run directories holding a run.
+
+    ``driftrl run`` is the one-command demo: a second call starts a new run beside the first instead
+    of refusing (``driftrl train`` refuses and points at ``--resume``).
+    """
+    root = Path(cfg.run.root_dir)
+    name, n = cfg.run.name, 1
+    while RunDir(root / name).latest_checkpoint() is not None:
+        n += 1
+        name = f"{cfg.run.name}-{n}"
+    if name == cfg.run.name:
+        return cfg
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
+
+
 def run_main(args: argparse.Namespace) -> int:
     """``driftrl run``: set up the tiny default (cached), train, and compare held-out accuracy."""
     from driftrl.warm_start import ensure_tiny_setup
@@ -817,6 +833,13 @@ def run_main(args: argparse.Namespace) -> int:
         raise ConfigError(
             "driftrl run is the embedded synthetic default; use `driftrl train` for task.type=math"
         )
+    if resume is None:
+        fresh = next_free_run(cfg)
+        if fresh.run.name != cfg.run.name:
+            print(
+                f"{Path(cfg.run.root_dir) / cfg.run.name} holds an earlier run; this one is {fresh.run.name}"
+            )
+        cfg = fresh
     ensure_tiny_setup(cfg, progress=not getattr(args, "no_progress", False))
     before = heldout_accuracy(cfg, cfg.model.path)
     print(f"held-out greedy accuracy of the starting policy {cfg.model.path}: {before:.3f}")
