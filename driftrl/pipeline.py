@@ -148,6 +148,7 @@ class Driver:
         self.started_ray = False
         self.buffer: Any = None
         self.board: Any = None
+        self.board_posted: Any = None  # ref of the last board.post
         self.learners: Any = None
         self.actors: list[Any] = []
         self.step = 0
@@ -222,7 +223,8 @@ class Driver:
             )
             if self.version > 0:
                 # actors start from cfg.model.path: the board hands them the checkpoint's weights
-                self._publish(self.version)
+                self._learner_get(self._publish(self.version))
+                ray.get(self.board_posted)
         if self.last_probe is None:
             self.last_probe = self._probe()
 
@@ -249,18 +251,19 @@ class Driver:
         values = call_all(self.learners, "probe_entropy", self.probe_ids, self.probe_mask)
         return float(values[0])
 
-    def _publish(self, version: int) -> Any:
-        """Publish the learner's weights as ``version`` and post them on the board."""
-        import ray
+    def _publish(self, version: int) -> list[Any]:
+        """Queue publication of ``version`` on every learner rank and post it on the board.
 
+        Returns the ranks' call refs; rank 0's resolves to the manifest, which Ray hands to the
+        board (and to each actor's ``update_weights``) without the driver fetching it.
+        """
         from actors.weight_sync import BytesWeightPublisher
-        from learner.actor import call_all
 
         publisher = BytesWeightPublisher(self.cfg.rollout.weight_sync.bucket_bytes)
-        manifest = call_all(self.learners, "publish_weights", publisher, version)[0]
-        # posted before the actors load it: an actor restarting meanwhile catches up from the board
-        ray.get(self.board.post.remote(manifest))
-        return manifest
+        refs = [a.call.remote("publish_weights", publisher, version) for a in self.learners.actors]
+        # the board first: an actor restarting meanwhile catches up from it
+        self.board_posted = self.board.post.remote(refs[0])
+        return refs
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -421,10 +424,11 @@ class Driver:
 
     def _checked_batch(self, table: Any) -> Any:
         """The sampled table, or a clear error when the rollout side produced too little in time."""
+        import pyarrow.compute as pc
         import ray
 
         groups = self.cfg.learner.groups_per_step
-        n_groups = len(set(table.column("group_id").to_pylist())) if table.num_rows else 0
+        n_groups = pc.count_distinct(table.column("group_id")).as_py() if table.num_rows else 0
         if n_groups < groups:
             if table.num_rows:
                 ray.get(self.buffer.release.remote(table.column("traj_id").to_pylist()))
@@ -487,20 +491,13 @@ class Driver:
         Nothing here waits: the manifest travels as an object ref that Ray resolves for the board
         and for each actor's ``update_weights``. Returns the sync and the probe's refs.
         """
-        from actors.weight_sync import BytesWeightPublisher
-
         started = time.monotonic()
         self.version += 1
-        publisher = BytesWeightPublisher(self.cfg.rollout.weight_sync.bucket_bytes)
-        publish_refs = [
-            a.call.remote("publish_weights", publisher, self.version) for a in self.learners.actors
-        ]
+        publish_refs = self._publish(self.version)
         probe_refs = [
             a.call.remote("probe_entropy", self.probe_ids, self.probe_mask) for a in self.learners.actors
         ]
         manifest = publish_refs[0]
-        # the board first: an actor restarting meanwhile catches up from it
-        self.board.post.remote(manifest)
         refs = {a.update_weights.remote(manifest): i for i, a in enumerate(self.actors)}
         timeout = self.cfg.rollout.weight_sync.timeout_s
         # the update queues behind at most one generate_step call (and that call's push)
