@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from driftrl.config_base import StrictModel
+from settings.base import StrictModel
 
 
 class RewardConfig(StrictModel):

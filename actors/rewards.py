@@ -3,7 +3,7 @@
 A reward function maps ``(response, answer) -> float``, where ``response`` is the decoded response
 (special tokens skipped) and ``answer`` the dataset's reference. The registry:
 
-* ``exact_match``: 1.0 when :func:`driftrl.synthetic_task.is_correct` holds (today: the
+* ``exact_match``: 1.0 when :func:`tasks.synthetic.is_correct` holds (today: the
   whitespace-stripped response equals the stripped answer), else 0.0. The same function decides
   held-out accuracy, so the training reward and the evaluation cannot disagree on a response.
 * ``partial_match``: dense credit for a tiny policy. With ``r``, ``a`` the normalised strings,
@@ -35,7 +35,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from actors.config import RewardConfig
-from driftrl.synthetic_task import is_correct, normalise_response
+from tasks.synthetic import is_correct, normalise_response
 
 RewardFn = Callable[[str, str], float]
 

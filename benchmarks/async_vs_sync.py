@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from driftrl.config import load_config
-    from driftrl.warm_start import ensure_tiny_setup
+    from driftrl.pipeline import ensure_tiny_default
 
-    ensure_tiny_setup(load_config(REPO_ROOT / "configs" / "tiny-cpu.yaml", args.override), progress=True)
+    ensure_tiny_default(load_config(REPO_ROOT / "configs" / "tiny-cpu.yaml", args.override), progress=True)
     with tempfile.TemporaryDirectory(prefix="driftrl-async-vs-sync-") as tmp:
         sync = run_mode("sync", args.steps, Path(tmp), args.override)
         asyn = run_mode("async", args.steps, Path(tmp), args.override)

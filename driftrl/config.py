@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from actors.config import RolloutConfig
 from buffers.config import BufferConfig
-from driftrl.config_base import StrictModel
 from learner.config import LearnerConfig
+from settings.base import StrictModel
 
 
 class ConfigError(ValueError):

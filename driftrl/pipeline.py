@@ -203,7 +203,7 @@ class Driver:
             num_cpus=0,
         )
         self.board = launch_weight_board()
-        self.learners = launch_learners(cfg)
+        self.learners = launch_learners(cfg.learner, cfg.model.path, seed=cfg.run.seed)
         self.probe_ids, self.probe_mask = _probe_batch(cfg)
 
         if self.resume_step is not None:
@@ -794,8 +794,8 @@ def heldout_accuracy(cfg: DriftConfig, model_dir: str | Path) -> float:
     """Greedy exact-match accuracy of ``model_dir`` on the held-out split (synthetic task)."""
     from transformers import AutoTokenizer
 
-    from driftrl.heldout import answer_token_budget, evaluate_accuracy
-    from driftrl.synthetic_task import load_rows
+    from tasks.heldout import answer_token_budget, evaluate_accuracy
+    from tasks.synthetic import load_rows
 
     rows = load_rows(cfg.task.eval_path)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -821,9 +821,31 @@ def next_free_run(cfg: DriftConfig) -> DriftConfig:
     return cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
 
 
+def ensure_tiny_default(cfg: DriftConfig, progress: bool = True) -> dict[str, Any] | None:
+    """Build the data, tiny model and warm start ``cfg`` points at where missing (cached).
+
+    Returns the warm-start record (None for a model that is not a warm-started tiny model).
+    """
+    from tasks.warm_start import WarmStartMismatchError, ensure_tiny_setup
+
+    try:
+        return ensure_tiny_setup(
+            train_path=cfg.task.train_path,
+            eval_path=cfg.task.eval_path,
+            model_path=cfg.model.path,
+            seed=cfg.run.seed,
+            synthetic=cfg.task.type == "synthetic",
+            build_tiny=cfg.model.tiny,
+            prompt_key=cfg.task.prompt_key,
+            answer_key=cfg.task.answer_key,
+            progress=progress,
+        )
+    except WarmStartMismatchError as err:
+        raise ConfigError(str(err)) from None
+
+
 def run_main(args: argparse.Namespace) -> int:
     """``driftrl run``: set up the tiny default (cached), train, and compare held-out accuracy."""
-    from driftrl.warm_start import ensure_tiny_setup
 
     cfg, resume = _config_for(args)
     if resume is None and cfg.task.type != "synthetic":
@@ -837,7 +859,7 @@ def run_main(args: argparse.Namespace) -> int:
                 f"{Path(cfg.run.root_dir) / cfg.run.name} holds an earlier run; this one is {fresh.run.name}"
             )
         cfg = fresh
-    ensure_tiny_setup(cfg, progress=not getattr(args, "no_progress", False))
+    ensure_tiny_default(cfg, progress=not getattr(args, "no_progress", False))
     before = heldout_accuracy(cfg, cfg.model.path)
     print(f"held-out greedy accuracy of the starting policy {cfg.model.path}: {before:.3f}")
     result = train(cfg, resume=resume, progress=not getattr(args, "no_progress", False))

@@ -107,7 +107,7 @@ def open_run_dir(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     """Open an existing run directory for resuming; its stored config is the base of ``overrides``."""
     import yaml
 
-    from driftrl.config import set_dotted, parse_override
+    from driftrl.config import parse_override, set_dotted
 
     run = RunDir(Path(path))
     if not run.config.is_file():

@@ -13,16 +13,13 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.config import LearnerConfig
-
-if TYPE_CHECKING:
-    from driftrl.config import DriftConfig
 
 
 def _free_port() -> int:
@@ -96,8 +93,8 @@ class LearnerGroup:
 
 
 def launch_learners(
-    cfg: LearnerConfig | DriftConfig,
-    model_path: str | None = None,
+    cfg: LearnerConfig,
+    model_path: str,
     seed: int = 0,
     deepspeed_overrides: Mapping[str, Any] | None = None,
     placement_strategy: str = "PACK",
@@ -106,11 +103,9 @@ def launch_learners(
     """Start ``cfg.data_parallel_size`` learner ranks, one Ray actor each, ready to train.
 
     Args:
-        cfg: learner config (``num_cpus``/``num_gpus`` size each bundle), or the whole run config,
-            which then supplies ``model.path`` and ``run.seed`` as well.
-        model_path: Hugging Face model directory, readable from every node (required with a
-            bare learner config).
-        seed: base seed (rank ``r`` seeds with ``seed + r``), used with a bare learner config.
+        cfg: the learner sub-config (``num_cpus``/``num_gpus`` size each bundle).
+        model_path: Hugging Face model directory, readable from every node.
+        seed: base seed (rank ``r`` seeds with ``seed + r``).
         deepspeed_overrides: merged into every rank's DeepSpeed config.
         placement_strategy: Ray placement strategy of the bundles; on GPU clusters use
             ``STRICT_PACK`` per node (DESIGN.md) or ``PACK``.
@@ -119,12 +114,6 @@ def launch_learners(
     Raises:
         TimeoutError: the placement group could not be reserved in time (names the bundles).
     """
-    if not isinstance(cfg, LearnerConfig):
-        model_path = model_path or cfg.model.path
-        seed = cfg.run.seed
-        cfg = cfg.learner
-    if model_path is None:
-        raise ValueError("model_path: required when launching from a LearnerConfig")
     world_size = cfg.data_parallel_size
     bundle = {"CPU": cfg.num_cpus, **({"GPU": cfg.num_gpus} if cfg.num_gpus > 0 else {})}
     group = placement_group([dict(bundle) for _ in range(world_size)], strategy=placement_strategy)

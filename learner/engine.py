@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import deepspeed
 import numpy as np
@@ -60,9 +60,6 @@ from learner.losses import (
     loss_denominator,
     policy_loss,
 )
-
-if TYPE_CHECKING:
-    from driftrl.config import DriftConfig
 
 CHECKPOINT_STATE_FILE = "state.json"
 CHECKPOINT_ENGINE_TAG = "deepspeed"
@@ -353,11 +350,6 @@ class Learner:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, LinearWarmup(cfg.warmup_steps)),
         )
         self.device = self.engine.device
-
-    @classmethod
-    def from_config(cls, cfg: DriftConfig, rank: int = 0, world_size: int = 1) -> Learner:
-        """Build from the whole run config: ``cfg.learner``, ``cfg.model.path``, ``cfg.run.seed``."""
-        return cls(cfg.learner, cfg.model.path, rank, world_size, seed=cfg.run.seed)
 
     @property
     def hf_model(self) -> nn.Module:

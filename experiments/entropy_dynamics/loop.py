@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from driftrl.synthetic_task import is_correct
 from learner.clipping import clip_mask
 from learner.config import LossConfig
 from learner.entropy import TokenStats, token_stats_from_hidden
 from learner.losses import LossInputs, entropy_metrics, grpo_advantages, policy_loss
+from tasks.synthetic import is_correct
 
 # method name -> (clip method, importance-weighted ClipV statistic)
 METHODS: dict[str, tuple[str, bool]] = {

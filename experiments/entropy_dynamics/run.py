@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from driftrl.evaluation import avg_at_k, mean_pass_at_k
 from experiments.entropy_dynamics.loop import (
     METHODS,
     LoopSettings,
@@ -37,6 +36,7 @@ from experiments.entropy_dynamics.loop import (
     sample_batch,
     sample_k_correct,
 )
+from tasks.evaluation import avg_at_k, mean_pass_at_k
 
 METHOD_LABELS = {"grpo": "GRPO", "clip_b": "ClipB", "clip_v": "ClipV", "clip_v_r": "ClipV (r-weighted)"}
 EVAL_TEMPERATURE = 0.7
@@ -44,9 +44,9 @@ EVAL_TEMPERATURE = 0.7
 
 def prepare(out: Path, threads: int, n_heldout: int) -> tuple[Path, dict[str, Any], Path, Path]:
     """Data, tiny model and warm start under ``out`` (reused when already there)."""
-    from driftrl.synthetic_task import write_dataset
-    from driftrl.tiny_model import make_tiny_model
-    from driftrl.warm_start import WarmStartSettings, warm_start
+    from tasks.synthetic import write_dataset
+    from tasks.tiny_model import make_tiny_model
+    from tasks.warm_start import WarmStartSettings, warm_start
 
     train, heldout = out / "data" / "train.parquet", out / "data" / "heldout.parquet"
     if not (train.is_file() and heldout.is_file()):
@@ -75,7 +75,7 @@ def load_model(path: Path) -> tuple[Any, Any]:
 def evaluate(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], k: int, max_new_tokens: int
 ) -> dict[str, float]:
-    """Avg@K and Pass@K (driftrl.evaluation) of K samples per held-out question at T = 0.7."""
+    """Avg@K and Pass@K (tasks.evaluation) of K samples per held-out question at T = 0.7."""
     correct = sample_k_correct(model, tokenizer, rows, k, EVAL_TEMPERATURE, max_new_tokens, seed=12345)
     return {
         "avg_at_k": avg_at_k(correct),
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     warm_dir, warm_record, train_path, heldout_path = prepare(
         out, args.threads, n_heldout=max(256, args.heldout)
     )
-    from driftrl.synthetic_task import load_rows
+    from tasks.synthetic import load_rows
 
     train_rows = load_rows(train_path)
     heldout_rows = load_rows(heldout_path)[: args.heldout]

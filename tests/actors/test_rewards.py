@@ -8,7 +8,7 @@ import pytest
 
 from actors.config import RewardConfig
 from actors.rewards import REWARDS, RewardScorer, exact_match, load_function, partial_match, resolve_reward
-from driftrl.synthetic_task import is_correct
+from tasks.synthetic import is_correct
 
 
 def test_exact_match_strips_whitespace() -> None:
@@ -42,7 +42,7 @@ HELDOUT_VERDICTS = [
 
 @pytest.mark.parametrize(("response", "correct"), HELDOUT_VERDICTS)
 def test_exact_match_reward_agrees_with_heldout_accuracy(response: str, correct: bool) -> None:
-    # Training reward and held-out accuracy (driftrl.synthetic_task.is_correct) must judge every
+    # Training reward and held-out accuracy (tasks.synthetic.is_correct) must judge every
     # response alike, or RL optimises something the held-out number does not measure.
     assert is_correct(response, "cba") is correct
     assert exact_match(response, "cba") == float(correct)

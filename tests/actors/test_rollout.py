@@ -18,7 +18,7 @@ from actors.prompts import PromptSource, PromptSpec
 from actors.rollout import RolloutWorker
 from actors.weight_sync import BytesWeightPublisher
 from buffers.schema import check_schema
-from driftrl.tiny_model import make_tiny_model
+from tasks.tiny_model import make_tiny_model
 
 GROUP_SIZE = 4
 MAX_TOKENS = 8

@@ -17,7 +17,7 @@ from actors.config import RewardConfig, RolloutConfig
 from actors.prompts import PromptSpec
 from actors.rollout import launch_rollout_actors
 from actors.weight_sync import BytesWeightPublisher, launch_weight_board
-from driftrl.tiny_model import make_tiny_model
+from tasks.tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.slow
 

@@ -191,7 +191,7 @@ def engine_worker(tmp_path_factory: pytest.TempPathFactory):
     from actors.config import RewardConfig, RolloutConfig
     from actors.prompts import PromptSource, PromptSpec
     from actors.rollout import RolloutWorker
-    from driftrl.tiny_model import make_tiny_model
+    from tasks.tiny_model import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
     data = tmp_path_factory.mktemp("data") / "prompts.parquet"

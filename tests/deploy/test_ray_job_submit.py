@@ -182,8 +182,8 @@ def _submit(url: str, env: dict[str, str], *driftrl_args: str) -> subprocess.Com
 
 @pytest.fixture(scope="module")
 def tiny_job_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from driftrl.synthetic_task import write_dataset
-    from driftrl.tiny_model import make_tiny_model
+    from tasks.synthetic import write_dataset
+    from tasks.tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("job-inputs")
     make_tiny_model(root / "model", seed=0)

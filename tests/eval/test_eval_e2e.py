@@ -29,7 +29,7 @@ def _sharpened_tiny_model(path: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from driftrl.tiny_model import make_tiny_model
+    from tasks.tiny_model import make_tiny_model
 
     make_tiny_model(path, seed=0)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)

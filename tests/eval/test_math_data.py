@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from driftrl import math_data
-from driftrl.evaluation import load_prompt_set
-from driftrl.tiny_model import build_tokenizer
+from tasks import math_data
+from tasks.evaluation import load_prompt_set
+from tasks.tiny_model import build_tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DAPO_JSONL = FIXTURES / "dapo_math_sample.jsonl"

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from driftrl.evaluation import (
+from tasks.evaluation import (
     DatasetScore,
     avg_at_k,
     format_table,

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 
-from driftrl.evaluation import (
+from tasks.evaluation import (
     KSampler,
     PromptSet,
     SamplingSetup,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from driftrl.tiny_model import make_tiny_model
 from experiments.entropy_dynamics.loop import LoopSettings, entropy_change_check, run_rl, sample_batch
+from tasks.tiny_model import make_tiny_model
 
 ROWS = [{"prompt": p + "=", "answer": p[::-1]} for p in ("abc", "hello", "xy", "qwer")]
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from driftrl.cli import main
-from driftrl.synthetic_task import (
+from tasks.synthetic import (
     COLUMNS,
     ReversalSpec,
     TaskSpecError,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from driftrl.tiny_model import EOS, build_tokenizer, make_tiny_model
+from tasks.tiny_model import EOS, build_tokenizer, make_tiny_model
 
 
 def _digest(model_dir: Path) -> str:
@@ -41,7 +41,7 @@ def test_loads_in_transformers_with_1_to_5_million_parameters(tiny_dir: Path) ->
 
 
 def test_tokenizer_round_trips_the_alphabet() -> None:
-    from driftrl.tiny_model import ALPHABET
+    from tasks.tiny_model import ALPHABET
 
     tok = build_tokenizer()
     ids = tok(ALPHABET, add_special_tokens=False)["input_ids"]

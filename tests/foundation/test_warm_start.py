@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from driftrl.config import load_config
-from driftrl.heldout import answer_token_budget, evaluate_accuracy, greedy_correct, load_policy
-from driftrl.synthetic_task import load_rows
-from driftrl.warm_start import WARM_START_JSON, WarmStartSettings, ensure_tiny_setup
+from driftrl.pipeline import ensure_tiny_default
+from tasks.heldout import answer_token_budget, evaluate_accuracy, greedy_correct, load_policy
+from tasks.synthetic import load_rows
+from tasks.warm_start import WARM_START_JSON, WarmStartSettings
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Any]
             f"task.eval_path={root}/tiny-data/heldout.parquet",
         ],
     )
-    record = ensure_tiny_setup(cfg, progress=False)
+    record = ensure_tiny_default(cfg, progress=False)
     return cfg, record, root
 
 
@@ -57,7 +58,7 @@ def test_warm_start_lifts_heldout_accuracy_from_zero_into_the_band(setup) -> Non
 def test_second_call_is_a_cache_hit(setup) -> None:
     cfg, record, _ = setup
     started = time.perf_counter()
-    again = ensure_tiny_setup(cfg, progress=False)
+    again = ensure_tiny_default(cfg, progress=False)
     assert time.perf_counter() - started < 5.0
     assert again == record
 
@@ -90,5 +91,5 @@ def test_a_warm_start_with_other_settings_is_refused_not_overwritten(setup) -> N
     other = cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": cfg.run.seed + 1})})
     before = (Path(cfg.model.path) / WARM_START_JSON).read_text()
     with pytest.raises(ConfigError, match="model.path"):
-        ensure_tiny_setup(other, progress=False)
+        ensure_tiny_default(other, progress=False)
     assert (Path(cfg.model.path) / WARM_START_JSON).read_text() == before

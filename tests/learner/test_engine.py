@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from buffers.schema import records_to_table
-from driftrl.tiny_model import make_tiny_model
 from learner.config import ClipConfig, LearnerConfig, LossConfig
+from tasks.tiny_model import make_tiny_model
 
 GROUP_SIZE = 4
 

@@ -14,8 +14,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An untrained tiny model and a small reversal dataset (plumbing tests need no warm start)."""
-    from driftrl.synthetic_task import write_dataset
-    from driftrl.tiny_model import make_tiny_model
+    from tasks.synthetic import write_dataset
+    from tasks.tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("pipeline-inputs")
     model = make_tiny_model(root / "model", seed=0)

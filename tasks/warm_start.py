@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from driftrl.synthetic_task import load_rows, write_dataset
+from tasks.synthetic import load_rows, write_dataset
 
 WARM_START_JSON = "warm_start.json"
 
@@ -171,7 +171,7 @@ def warm_start(
     """
     import torch
 
-    from driftrl.heldout import accuracy_by_difficulty, answer_token_budget, greedy_correct, load_policy
+    from tasks.heldout import accuracy_by_difficulty, answer_token_budget, greedy_correct, load_policy
 
     settings = settings or WarmStartSettings()
     out = Path(out_dir)
@@ -229,32 +229,47 @@ def warm_start(
     return json.loads((out / WARM_START_JSON).read_text())
 
 
+class WarmStartMismatchError(ValueError):
+    """The cached warm start at a model path was made with other settings than a run asks for."""
+
+
 def ensure_tiny_setup(
-    cfg: Any, settings: WarmStartSettings | None = None, progress: bool = True
+    *,
+    train_path: str | Path,
+    eval_path: str | Path,
+    model_path: str | Path,
+    seed: int,
+    synthetic: bool = True,
+    build_tiny: bool = True,
+    prompt_key: str = "prompt",
+    answer_key: str = "answer",
+    settings: WarmStartSettings | None = None,
+    progress: bool = True,
 ) -> dict[str, Any] | None:
     """Build whatever the embedded default run still lacks: data, tiny model, warm start.
 
-    Respects ``cfg.task.train_path``/``eval_path`` (written only for ``task.type == "synthetic"``
-    and only when missing) and ``cfg.model.path``: when ``cfg.model.tiny`` is set and the path has
-    no model yet, the factory model goes to ``<path>/../init`` and the warm-started one to
-    ``path``. A model directory without a ``warm_start.json`` (a user's model) is left alone.
-    Seeds come from ``cfg.run.seed``. An existing warm start is reused when it was made with the
-    same settings (see :func:`warm_start`). Returns the warm-start record, or None when there is none.
+    The data files are written only for the synthetic task (``synthetic``) and only when missing.
+    When ``build_tiny`` is set and ``model_path`` has no model yet, the factory model goes to
+    ``<model_path>/../init`` and the warm-started one to ``model_path``. A model directory without a
+    ``warm_start.json`` (a user's model) is left alone. An existing warm start is reused when it was
+    made with the same settings (see :func:`warm_start`). Returns the warm-start record, or None
+    when there is none.
 
     Args:
-        cfg: A :class:`driftrl.config.DriftConfig`.
-        settings: Warm-start budget; None = the defaults with ``seed = cfg.run.seed``.
-    """
-    from driftrl.tiny_model import make_tiny_model
+        settings: Warm-start budget; None = the defaults with ``seed``.
 
-    seed = cfg.run.seed
-    train_path, heldout_path = Path(cfg.task.train_path), Path(cfg.task.eval_path)
-    if cfg.task.type == "synthetic" and not (train_path.is_file() and heldout_path.is_file()):
+    Raises:
+        WarmStartMismatchError: ``model_path`` holds a warm start made with other settings.
+    """
+    from tasks.tiny_model import make_tiny_model
+
+    train_path, heldout_path = Path(train_path), Path(eval_path)
+    if synthetic and not (train_path.is_file() and heldout_path.is_file()):
         write_dataset(train_path, heldout_path, seed=seed)
 
-    model_dir = Path(cfg.model.path)
+    model_dir = Path(model_path)
     record = read_warm_start_record(model_dir)
-    if not cfg.model.tiny or (model_dir.exists() and record is None):
+    if not build_tiny or (model_dir.exists() and record is None):
         return record
     init_dir = model_dir.parent / "init"
     if not (init_dir / "config.json").is_file():
@@ -266,13 +281,9 @@ def ensure_tiny_setup(
     if record is not None and record.get("settings") != _settings_record(settings):
         # the cache is shared by every run pointing at model.path: retraining it in place would
         # silently change the starting policy of runs that already used it
-        from driftrl.config import ConfigError
-
-        raise ConfigError(
+        raise WarmStartMismatchError(
             f"model.path={model_dir} holds a warm start made with other settings "
             f"({record.get('settings')}); this run asks for {_settings_record(settings)}. Point "
             f"model.path at another directory for it, e.g. model.path={model_dir.parent}-seed{seed}/warm"
         )
-    return warm_start(
-        init_dir, model_dir, train_path, heldout_path, settings, cfg.task.prompt_key, cfg.task.answer_key, progress
-    )
+    return warm_start(init_dir, model_dir, train_path, heldout_path, settings, prompt_key, answer_key, progress)

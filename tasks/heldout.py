@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from driftrl.synthetic_task import is_correct
+from tasks.synthetic import is_correct
 
 
 def load_policy(model_dir: str | Path) -> tuple[Any, Any]:

@@ -1,0 +1,1 @@
+"""Config plumbing shared by every process package: the strict pydantic base of each sub-config."""
