@@ -8,11 +8,12 @@ and what is allowed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from actors.config import RolloutConfig
 from buffers.config import BufferConfig
@@ -24,10 +25,20 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what is allowed."""
 
 
+# one path component: the run directory is root_dir/name, and the driver writes and deletes below it
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
 class RunConfig(StrictModel):
     """Where a run lives and how it is scheduled."""
 
-    name: str = Field("tiny", min_length=1, description="Run directory name under root_dir.")
+    name: str = Field(
+        "tiny",
+        min_length=1,
+        max_length=200,
+        description="Run directory name under root_dir: one folder name of letters, digits, '.', '_' and "
+        "'-', not '.', without '..'.",
+    )
     root_dir: str = Field("runs", description="Folder (or URI) holding run directories.")
     seed: int = Field(0, description="Global seed.")
     mode: Literal["async", "sync"] = Field(
@@ -35,6 +46,16 @@ class RunConfig(StrictModel):
     )
     ray_address: str | None = Field(None, description="Ray cluster address; None = start local Ray.")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray node (None = all).")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, name: str) -> str:
+        if not RUN_NAME.fullmatch(name) or ".." in name or name == ".":
+            raise ValueError(
+                "must be one folder name under run.root_dir: letters, digits, '.', '_' and '-', not '.', "
+                "no '/' and no '..'"
+            )
+        return name
 
 
 class ModelConfig(StrictModel):

@@ -156,3 +156,14 @@ def test_cli_check_config_prints_the_resolved_tiny_default() -> None:
     proc = _cli("check-config", "--config", "configs/tiny-cpu.yaml")
     assert proc.returncode == 0, proc.stderr
     assert "path: runs/tiny-model/warm" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs", "/", "a/b", ".", "..", "x..y", "a b", "tiny\\x", "é"])
+def test_run_name_outside_one_folder_is_refused(name: str) -> None:
+    message = _error(None, [f"run.name={name!r}"])
+    assert "run.name: Value error, must be one folder name under run.root_dir" in message, message
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-2", "qwen2.5-7b-dapo", "A_b.c", ".hidden"])
+def test_run_name_of_one_folder_is_accepted(name: str) -> None:
+    assert load_config(None, [f"run.name={name}"]).run.name == name
