@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from driftrl.config import ConfigError, DriftConfig, load_config
-from driftrl.run_dir import RunDir, create_run_dir, open_run_dir, write_atomic
+from driftrl.run_dir import RunDir, RunLocks, create_run_dir, in_use, open_run_dir, write_atomic
 
 log = logging.getLogger("driftrl.pipeline")
 
@@ -735,26 +735,31 @@ def train(
         progress: draw the progress bar.
         on_step: called after every learner step with the driver and the step's metrics row
             (tests use it to inject faults).
+
+    Raises:
+        RunDirInUseError: another run holds the run directory (or the buffer): nothing was touched.
     """
-    if resume is not None:
-        run = RunDir(Path(resume))
-        latest = run.latest_checkpoint()
-        if latest is None:
-            raise ConfigError(
-                f"{run.root} holds no complete checkpoint to resume from; start a new run instead"
-            )
-        resume_step: int | None = latest[0]
-    else:
-        run = create_run_dir(cfg)
-        resume_step = None
-    _log_to(run)
-    driver = Driver(cfg, run, resume_step=resume_step, progress=progress, on_step=on_step)
-    try:
-        driver.start()
-        driver.loop()
-        return driver.finish()
-    finally:
-        driver.close()
+    root = Path(resume) if resume is not None else Path(cfg.run.root_dir) / cfg.run.name
+    with RunLocks(root, cfg.buffer.uri):
+        if resume is not None:
+            run = RunDir(root)
+            latest = run.latest_checkpoint()
+            if latest is None:
+                raise ConfigError(
+                    f"{run.root} holds no complete checkpoint to resume from; start a new run instead"
+                )
+            resume_step: int | None = latest[0]
+        else:
+            run = create_run_dir(cfg)
+            resume_step = None
+        _log_to(run)
+        driver = Driver(cfg, run, resume_step=resume_step, progress=progress, on_step=on_step)
+        try:
+            driver.start()
+            driver.loop()
+            return driver.finish()
+        finally:
+            driver.close()
 
 
 def _log_to(run: RunDir) -> None:
@@ -806,14 +811,15 @@ def heldout_accuracy(cfg: DriftConfig, model_dir: str | Path) -> float:
 
 
 def next_free_run(cfg: DriftConfig) -> DriftConfig:
-    """``cfg`` itself, or with ``run.name`` suffixed ``-2``, ``-3``… past run directories holding a run.
+    """``cfg`` itself, or with ``run.name`` suffixed ``-2``, ``-3``… past run directories holding a run
+    (a checkpoint, or a live run's lock).
 
     ``driftrl run`` is the one-command demo: a second call starts a new run beside the first instead
     of refusing (``driftrl train`` refuses and points at ``--resume``).
     """
     root = Path(cfg.run.root_dir)
     name, n = cfg.run.name, 1
-    while RunDir(root / name).latest_checkpoint() is not None:
+    while RunDir(root / name).latest_checkpoint() is not None or in_use(root / name):
         n += 1
         name = f"{cfg.run.name}-{n}"
     if name == cfg.run.name:

@@ -11,20 +11,137 @@ Layout (DESIGN.md "Run directory")::
 
 Every file the driver writes here is written to a temporary name and renamed, so a crash never
 leaves a half-written config or state file behind.
+
+One run at a time: the driver holds an exclusive lock on the run directory (and on a local buffer
+URI outside it) for the whole run, ``flock`` on ``<dir>/.driftrl.lock``, which names its holder. The
+kernel drops the lock when the holding process ends, however it ends, so a crashed run leaves no
+stale lock; a second run on the same directory fails at once with the holder's pid. Object-store
+URIs cannot be locked this way (they have no locks); a run on one relies on its unique run name.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from driftrl.config import ConfigError, DriftConfig, config_from_dict, dump_config
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+LOCK_FILE = ".driftrl.lock"
+
+
+class RunDirInUseError(ConfigError):
+    """Another process holds the lock of a run directory or buffer; the message names its pid."""
+
+
+class DirLock:
+    """An exclusive ``flock`` on ``<directory>/.driftrl.lock``, held until :meth:`release` or process exit.
+
+    Args:
+        directory: the folder to lock (created if missing).
+        what: how the folder is named in the error (``run directory``, ``buffer``).
+
+    Raises:
+        RunDirInUseError: another open lock holds it (another process, or this one).
+    """
+
+    def __init__(self, directory: str | Path, what: str = "run directory") -> None:
+        self._fd: int | None = None
+        self.path = Path(directory) / LOCK_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe_holder(fd)
+            os.close(fd)
+            raise RunDirInUseError(
+                f"{what} {self.path.parent} is in use by {holder}: one run at a time per {what}. Wait for "
+                f"that run to end (or stop it), or use another run.name (lock file {self.path})"
+            ) from None
+        os.ftruncate(fd, 0)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.write(fd, (json.dumps(holder) + "\n").encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (idempotent); the file stays, empty of meaning until the next holder writes it."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> DirLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _describe_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {int(holder['pid'])} on {holder['host']} (since {holder['since']})"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "another process (it has not written its pid yet)"
+
+
+def local_path(uri: str) -> Path | None:
+    """The local folder of a path or ``file://`` URI; None for object stores (``s3://`` ...)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "":
+        return Path(uri)
+    return Path(parsed.path) if parsed.scheme == "file" else None
+
+
+class RunLocks:
+    """The locks of one run: its run directory, and its buffer when that is a local folder elsewhere.
+
+    Taken before anything is written there (the resolved config included) and released when the
+    run ends; see the module docstring.
+    """
+
+    def __init__(self, root: str | Path, buffer_uri: str | None = None) -> None:
+        self.locks = [DirLock(root, "run directory")]
+        buffer = local_path(buffer_uri) if buffer_uri else None
+        if buffer is not None and not buffer.resolve().is_relative_to(Path(root).resolve()):
+            try:
+                self.locks.append(DirLock(buffer, "buffer"))
+            except RunDirInUseError:
+                self.release()
+                raise
+
+    def release(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+
+    def __enter__(self) -> RunLocks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def in_use(directory: str | Path) -> bool:
+    """Whether a live process holds ``directory``'s lock (a probe: takes and drops it at once)."""
+    if not (Path(directory) / LOCK_FILE).is_file():
+        return False
+    try:
+        DirLock(directory).release()
+    except RunDirInUseError:
+        return True
+    return False
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -24,3 +24,12 @@ def test_second_run_gets_the_next_free_name(tmp_path):
     _with_checkpoint(tmp_path, "tiny-2")
     (tmp_path / "tiny-3").mkdir()  # a directory without a checkpoint holds no run: reused
     assert next_free_run(cfg).run.name == "tiny-3"
+
+
+def test_a_run_in_progress_is_skipped_before_its_first_checkpoint(tmp_path):
+    from driftrl.run_dir import DirLock
+
+    cfg = load_config(REPO_ROOT / "configs" / "tiny-cpu.yaml", [f"run.root_dir={tmp_path}"])
+    with DirLock(tmp_path / "tiny"):
+        assert next_free_run(cfg).run.name == "tiny-2"
+    assert next_free_run(cfg) is cfg
