@@ -24,7 +24,6 @@ import base64
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import time
@@ -283,19 +282,88 @@ def _deepspeed_config(cfg: LearnerConfig, overrides: Mapping[str, Any] | None) -
 
 
 def _encode_rng_state() -> dict[str, Any]:
-    """This process's python/numpy/torch RNG states as JSON-safe values."""
+    """This process's python/numpy/torch RNG states as plain JSON values.
+
+    No pickle: ``state.json`` is data, and unpickling a file from a run directory would run
+    whatever code it names. Python's state is ``(version, 625 ints, gauss_next)``, numpy's legacy
+    one ``("MT19937", 624 uint32 keys, pos, has_gauss, cached_gaussian)``, torch's a uint8 tensor
+    (base64 of its bytes). JSON floats round-trip exactly (``repr``), so a resume is bit-identical.
+    """
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     return {
-        "python": base64.b64encode(pickle.dumps(random.getstate())).decode(),
-        "numpy": base64.b64encode(pickle.dumps(np.random.get_state())).decode(),
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "kind": kind,
+            "keys": keys.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
     }
 
 
-def _restore_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(pickle.loads(base64.b64decode(state["python"])))
-    np.random.set_state(pickle.loads(base64.b64decode(state["numpy"])))
-    torch_state = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
-    torch.set_rng_state(torch.from_numpy(torch_state))
+@dataclass(frozen=True)
+class _RngState:
+    python: tuple[int, tuple[int, ...], float | None]
+    numpy: tuple[str, np.ndarray, int, int, float]
+    torch: Tensor
+
+
+def _json_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _json_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _decode_rng_state(state: Any, where: str) -> _RngState:
+    """Check and convert one rank's ``rng`` entry of ``state.json`` (before anything is restored).
+
+    Raises:
+        ValueError: naming ``where``, when the entry is not the JSON form :func:`_encode_rng_state`
+            writes, such as the base64 pickles of older checkpoints, which are refused unread.
+    """
+    try:
+        py, npy = state["python"], state["numpy"]
+        gauss_next = py["gauss_next"]
+        python_state = (
+            _json_int(py["version"]),
+            tuple(_json_int(v) for v in py["state"]),
+            None if gauss_next is None else _json_float(gauss_next),
+        )
+        if not isinstance(npy["kind"], str):
+            raise TypeError("numpy.kind is not a string")
+        keys = np.array([_json_int(v) for v in npy["keys"]], dtype=np.int64)
+        if keys.shape != (624,) or keys.min() < 0 or keys.max() >= 2**32:
+            raise ValueError("numpy.keys is not 624 uint32 values")
+        numpy_state = (
+            npy["kind"],
+            keys.astype(np.uint32),
+            _json_int(npy["pos"]),
+            _json_int(npy["has_gauss"]),
+            _json_float(npy["cached_gaussian"]),
+        )
+        torch_bytes = base64.b64decode(state["torch"], validate=True)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{where}: the RNG state is not the JSON form this driftrl writes ({type(err).__name__}: {err}). "
+            "Checkpoints with pickled RNG states (older driftrl) are refused: unpickling a file can run code"
+        ) from None
+    torch_state = torch.from_numpy(np.frombuffer(torch_bytes, dtype=np.uint8).copy())
+    return _RngState(python=python_state, numpy=numpy_state, torch=torch_state)
+
+
+def _restore_rng_state(state: _RngState) -> None:
+    random.setstate(state.python)
+    np.random.set_state(state.numpy)
+    torch.set_rng_state(state.torch)
 
 
 class Learner:
@@ -882,6 +950,10 @@ class Learner:
         if not state_file.is_file():
             raise FileNotFoundError(f"{path} is not a learner checkpoint (no {CHECKPOINT_STATE_FILE})")
         saved = json.loads(state_file.read_text())
+        # checked before DeepSpeed loads anything, so a bad state.json fails the resume at once
+        rng = None
+        if saved["world_size"] == self.world_size:
+            rng = _decode_rng_state(saved["rng"][self.rank], f"{state_file} rng[{self.rank}]")
         load_path, _ = self.engine.load_checkpoint(
             str(path), tag=CHECKPOINT_ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -894,8 +966,8 @@ class Learner:
             consecutive_skipped=saved["consecutive_skipped"],
             extra=saved.get("extra", {}),
         )
-        if saved["world_size"] == self.world_size:
-            _restore_rng_state(saved["rng"][self.rank])
+        if rng is not None:
+            _restore_rng_state(rng)
         return self.state
 
     def _barrier(self) -> None:

@@ -321,6 +321,53 @@ def test_resume_gives_the_identical_next_step(distributed_env, model_dir, tmp_pa
     assert max_abs_diff(params(first), params(resumed)) == 0.0
 
 
+def _draws() -> tuple:
+    import random
+
+    return random.random(), random.gauss(0.0, 1.0), np.random.randn(3).tolist(), torch.rand(3).tolist()
+
+
+def test_resume_restores_every_rng_from_plain_json(distributed_env, model_dir, tmp_path):
+    import json
+    import random
+
+    learner = build(model_dir)
+    random.gauss(0.0, 1.0), np.random.randn()  # a cached Gaussian in both states
+    saved = learner.save_checkpoint(tmp_path / "step_0")
+    expected = _draws()
+    state = json.loads((saved / "state.json").read_text())
+    # numbers and one base64 string, nothing that needs unpickling
+    assert isinstance(state["rng"][0]["python"]["state"], list)
+    assert isinstance(state["rng"][0]["numpy"]["keys"], list)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    learner.load_checkpoint(saved)
+    assert _draws() == expected
+
+
+def test_a_tampered_state_json_cannot_run_code(distributed_env, model_dir, tmp_path):
+    import base64
+    import json
+    import os
+    import pickle
+
+    learner = build(model_dir)
+    saved = learner.save_checkpoint(tmp_path / "step_0")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    state_file = saved / "state.json"
+    state = json.loads(state_file.read_text())
+    # what older checkpoints stored, with a payload that runs a shell command when unpickled
+    state["rng"][0]["python"] = base64.b64encode(pickle.dumps(Payload())).decode()
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"state.json rng\[0\]: the RNG state is not the JSON form"):
+        learner.load_checkpoint(saved)
+    assert not marker.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_ranks_equal_one_rank(distributed_env, model_dir, zero_stage):

@@ -126,7 +126,7 @@ def kernel_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out_path, weights_only=False)
+    return torch.load(out_path, weights_only=True)
 
 
 def _reference(inputs: dict) -> dict[str, torch.Tensor]:
