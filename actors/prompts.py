@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.data_files import check_utf8, row_text
+
 
 @dataclass(frozen=True)
 class PromptItem:
@@ -29,15 +31,17 @@ class PromptItem:
 
     Attributes:
         prompt_id: the dataset's id (or the row index when the id column is absent).
-        prompt: prompt text.
-        answer: reference answer, given to the reward function.
+        prompt: prompt text ("" when ``rejected``).
+        answer: reference answer, given to the reward function ("" when ``rejected``).
         position: how many prompts this shard handed out before this one (the cursor value).
+        rejected: why the row cannot be used (one of :data:`tasks.data_files.ROW_REJECT_REASONS`), else None.
     """
 
     prompt_id: str
     prompt: str
     answer: str
     position: int
+    rejected: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,12 @@ class PromptSpec:
 
 
 def load_prompt_dataset(spec: PromptSpec) -> Any:  # -> datasets.Dataset
-    """Load the dataset and check it is usable: a ValueError names the file and the problem."""
+    """Load the dataset and check it is usable: a ValueError names the file and the problem
+    (a :class:`tasks.data_files.DataFileError` for a JSON file that is not UTF-8).
+
+    Rows with a null or blank prompt or answer load as they are; :meth:`PromptSource.next` rejects
+    them one by one (:func:`tasks.data_files.row_text`).
+    """
     import datasets
 
     path = spec.path
@@ -80,7 +89,8 @@ def load_prompt_dataset(spec: PromptSpec) -> Any:  # -> datasets.Dataset
 
             empty = pq.read_metadata(local).num_rows == 0
         else:
-            empty = not local.read_text().strip()
+            check_utf8(local)
+            empty = not local.read_bytes().strip()
         if empty:
             raise ValueError(f"prompt dataset {path} is empty")
         builder = "parquet" if local.suffix == ".parquet" else "json"
@@ -153,18 +163,16 @@ class PromptSource:
         return self._order
 
     def next(self) -> PromptItem:
-        """The next prompt of this shard (cycles through epochs forever)."""
+        """The next prompt of this shard (cycles through epochs forever); check its ``rejected``."""
         position = self._next_position
         epoch, offset = divmod(position, len(self._rows))
         row_index = self._rows_of_epoch(epoch)[offset]
         row = self._data[row_index]
         self._next_position += 1
         prompt_id = str(row[self.spec.id_key]) if self._has_id else str(row_index)
+        prompt, answer, rejected = row_text(row[self.spec.prompt_key], row[self.spec.answer_key])
         return PromptItem(
-            prompt_id=prompt_id,
-            prompt=str(row[self.spec.prompt_key]),
-            answer=str(row[self.spec.answer_key]),
-            position=position,
+            prompt_id=prompt_id, prompt=prompt, answer=answer, position=position, rejected=rejected
         )
 
     def state(self, committed_position: int | None = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from driftrl.config import ConfigError, load_config
+from tasks.data_files import DataFileError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -351,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except ConfigError as err:
+    except (ConfigError, DataFileError) as err:
         print(f"driftrl: {err}", file=sys.stderr)
         return 2
 

@@ -29,11 +29,17 @@ paper's short names to hub datasets.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tasks.data_files import check_utf8
+
+log = logging.getLogger(__name__)
 
 MATH_COLUMNS: tuple[str, ...] = ("prompt_id", "problem", "answer", "data_source")
 
@@ -87,6 +93,8 @@ def load_raw(source: str | Path, split: str = "train"):  # -> datasets.Dataset
     if builder is not None:
         if not path.is_file():
             raise FileNotFoundError(f"math data file {path} does not exist")
+        if builder == "json":
+            check_utf8(path)
         return load_dataset(builder, data_files=str(path), split="train")
     return load_dataset(str(source), split=split)
 
@@ -105,20 +113,35 @@ def strip_dapo_wrapper(text: str) -> str:
     return _DAPO_SUFFIX.sub("", body).strip()
 
 
+class BadMathRow(ValueError):
+    """A raw row that cannot be normalised; :func:`normalise` skips it and counts ``reason``.
+
+    Attributes:
+        reason: a short fixed label: ``no_answer``, ``empty_problem``, ``no_user_message`` or
+            ``malformed`` (a field missing or of the wrong type).
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 def _user_text(messages: Any) -> str:
     if isinstance(messages, str):
         return messages
     users = [m["content"] for m in messages if m.get("role") == "user"]
     if not users:
-        raise ValueError(f"chat prompt has no user message: {messages!r:.200}")
+        raise BadMathRow("no_user_message", f"chat prompt has no user message: {messages!r:.200}")
     return users[-1]
 
 
 def _answer_text(value: Any) -> str:
     # AIME copies store answers as int or as zero-padded strings ("033"); math-verify compares
     # values, so only surrounding whitespace is normalised here.
-    if value is None:
-        raise ValueError("row has no reference answer")
+    if value is None or isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise BadMathRow("no_answer", f"no reference answer (got {value!r:.100})")
+    if not str(value).strip():
+        raise BadMathRow("no_answer", "the reference answer is blank")
     return str(value).strip()
 
 
@@ -136,30 +159,44 @@ def detect_layout(columns: list[str]) -> str:
 
 
 def normalise_row(row: Mapping[str, Any], layout: str, index: int, default_source: str) -> dict[str, str]:
-    """One raw row in :data:`MATH_COLUMNS` form."""
-    if layout == "dapo":
-        problem = strip_dapo_wrapper(_user_text(row["prompt"]))
-        answer = _answer_text((row.get("reward_model") or {}).get("ground_truth"))
-        extra = row.get("extra_info") or {}
-        ident = extra.get("index") if isinstance(extra, Mapping) else None
-        source = row.get("data_source") or default_source
-    else:
-        problem = str(row["problem"] if "problem" in row and row["problem"] is not None else row["question"])
-        problem = problem.strip()
-        answer = _answer_text(row["answer"])
-        ident = row.get("id", row.get("ID"))
-        source = row.get("data_source") or default_source
+    """One raw row in :data:`MATH_COLUMNS` form.
+
+    Raises:
+        BadMathRow: the row has no usable problem or answer (the message names the row).
+    """
+    try:
+        if layout == "dapo":
+            problem = strip_dapo_wrapper(_user_text(row["prompt"]))
+            answer = _answer_text((row.get("reward_model") or {}).get("ground_truth"))
+            extra = row.get("extra_info") or {}
+            ident = extra.get("index") if isinstance(extra, Mapping) else None
+        else:
+            problem = row["problem"] if row.get("problem") is not None else row.get("question")
+            if problem is None:
+                raise BadMathRow("empty_problem", "no problem text")
+            problem = problem.strip()
+            answer = _answer_text(row["answer"])
+            ident = row.get("id", row.get("ID"))
+    except BadMathRow as err:
+        raise BadMathRow(err.reason, f"row {index}: {err}") from None
+    except (KeyError, TypeError, AttributeError) as err:
+        raise BadMathRow("malformed", f"row {index}: {type(err).__name__}: {err}") from None
+    source = row.get("data_source") or default_source
     if not problem:
-        raise ValueError(f"row {index} has an empty problem")
+        raise BadMathRow("empty_problem", f"row {index} has an empty problem")
     prompt_id = str(ident) if ident not in (None, "") else f"{default_source}-{index:06d}"
     return {"prompt_id": prompt_id, "problem": problem, "answer": answer, "data_source": str(source)}
 
 
-def normalise(raw, default_source: str, dedupe: bool = True):  # (datasets.Dataset) -> datasets.Dataset
+def normalise(
+    raw, default_source: str, dedupe: bool = True, skipped: Counter[str] | None = None
+):  # (datasets.Dataset) -> datasets.Dataset
     """Normalise a raw dataset to :data:`MATH_COLUMNS`, de-duplicating by problem text if asked.
 
     The first occurrence of a problem wins. Prompt ids that still collide after de-duplication
-    (two different problems sharing an id) get a ``#n`` suffix so ids stay unique keys.
+    (two different problems sharing an id) get a ``#n`` suffix so ids stay unique keys. A row that
+    cannot be normalised (:class:`BadMathRow`) is skipped: counted by reason into ``skipped`` and in
+    one warning, so one bad row of 17k does not cost the whole set.
     """
     from datasets import Dataset
 
@@ -167,8 +204,15 @@ def normalise(raw, default_source: str, dedupe: bool = True):  # (datasets.Datas
     rows: list[dict[str, str]] = []
     seen_problems: set[str] = set()
     id_counts: dict[str, int] = {}
+    bad: Counter[str] = Counter()
+    first_bad = ""
     for i, raw_row in enumerate(raw):
-        row = normalise_row(raw_row, layout, i, default_source)
+        try:
+            row = normalise_row(raw_row, layout, i, default_source)
+        except BadMathRow as err:
+            bad[err.reason] += 1
+            first_bad = first_bad or str(err)
+            continue
         key = " ".join(row["problem"].split())
         if dedupe and key in seen_problems:
             continue
@@ -178,8 +222,22 @@ def normalise(raw, default_source: str, dedupe: bool = True):  # (datasets.Datas
         if n:
             row["prompt_id"] = f"{row['prompt_id']}#{n}"
         rows.append(row)
+    if skipped is not None:
+        skipped.update(bad)
+    counts = ", ".join(f"{reason} {n}" for reason, n in sorted(bad.items()))
     if not rows:
-        raise ValueError(f"{default_source}: no rows")
+        raise ValueError(
+            f"{default_source}: no usable rows" + (f" (skipped: {counts}; {first_bad})" if bad else "")
+        )
+    if bad:
+        log.warning(
+            "%s: skipped %d of %d rows that cannot be used (%s); first: %s",
+            default_source,
+            bad.total(),
+            len(raw),
+            counts,
+            first_bad,
+        )
     return Dataset.from_list(rows)
 
 
@@ -232,16 +290,19 @@ def parse_source_spec(spec: str) -> tuple[str, str, str]:
     return source, split, part
 
 
-def load_math_dataset(spec: str, n_heldout: int = DAPO500_SIZE, heldout_seed: int = 0):  # -> Dataset
+def load_math_dataset(
+    spec: str, n_heldout: int = DAPO500_SIZE, heldout_seed: int = 0, skipped: Counter[str] | None = None
+):  # -> Dataset
     """Load and normalise a math prompt set by spec (see :func:`parse_source_spec`).
 
     ``#train``/``#heldout`` parts apply :func:`split_heldout` with ``n_heldout`` and
     ``heldout_seed`` after de-duplication, so ``dapo-math-17k`` and ``dapo500`` are disjoint and
-    together cover every distinct question.
+    together cover every distinct question. Unusable rows are skipped and counted into ``skipped``
+    (see :func:`normalise`).
     """
     source, split, part = parse_source_spec(spec)
     default_source = Path(source).stem if Path(source).suffix else source
-    dataset = normalise(load_raw(source, split), default_source=default_source)
+    dataset = normalise(load_raw(source, split), default_source=default_source, skipped=skipped)
     if part == "all":
         return dataset
     train, heldout = split_heldout(dataset, n_heldout=n_heldout, seed=heldout_seed)

@@ -71,3 +71,66 @@ def test_cursor_survives_restart_and_rejects_other_layout(tmp_path: Path) -> Non
     assert again.next() == taken[6]
     with pytest.raises(ValueError, match="delete the file"):
         PromptSource(spec, 0, 2, cursor_path=cursor)
+
+
+def test_null_and_blank_rows_are_rejected_with_a_reason_never_the_string_none(tmp_path: Path) -> None:
+    rows = [
+        ("ok", "abc=", "cba"),
+        ("null-prompt", None, "x"),
+        ("blank-prompt", " \t", "x"),
+        ("null-answer", "q=", None),
+        ("blank-answer", "q=", "  "),
+    ]
+    table = pa.table(
+        {
+            "prompt_id": [r[0] for r in rows],
+            "prompt": pa.array([r[1] for r in rows], pa.string()),
+            "answer": pa.array([r[2] for r in rows], pa.string()),
+        }
+    )
+    pq.write_table(table, tmp_path / "p.parquet")
+    source = PromptSource(PromptSpec(path=str(tmp_path / "p.parquet")))
+    items = {item.prompt_id: item for item in (source.next() for _ in range(len(rows)))}
+    assert {k: v.rejected for k, v in items.items()} == {
+        "ok": None,
+        "null-prompt": "null_prompt",
+        "blank-prompt": "blank_prompt",
+        "null-answer": "null_answer",
+        "blank-answer": "blank_answer",
+    }
+    assert (items["ok"].prompt, items["ok"].answer) == ("abc=", "cba")
+    assert all(v.prompt == v.answer == "" for k, v in items.items() if k != "ok")
+    assert source.next_position == len(rows)  # rejected rows are consumed: the cursor moves past them
+
+
+def test_chat_lists_and_numbers_in_a_jsonl(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    lines = [
+        {"prompt_id": "chat", "prompt": [{"role": "user", "content": "hi"}], "answer": "x"},
+        {"prompt_id": "int-answer", "prompt": "1+1=", "answer": 2},
+        {"prompt_id": "list-answer", "prompt": "q", "answer": ["a"]},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    source = PromptSource(PromptSpec(path=str(path)))
+    items = {item.prompt_id: item for item in (source.next() for _ in range(3))}
+    assert items["chat"].rejected == "non_text_prompt"
+    assert (items["int-answer"].answer, items["int-answer"].rejected) == ("2", None)
+    assert items["list-answer"].rejected == "non_text_answer"
+
+
+def test_a_non_utf8_jsonl_is_one_line_naming_the_file_and_byte_offset(tmp_path: Path) -> None:
+    from tasks.data_files import DataFileError
+
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"prompt": "café=", "answer": "x"}) + "\n"  # UTF-8 é: fine
+    bad = json.dumps({"prompt": "PLACEHOLDER", "answer": "x"}).replace("PLACEHOLDER", "caf\\u00e9") + "\n"
+    data = good.encode() + bad.encode().replace(b"caf\\u00e9", "café".encode("latin-1"))
+    path.write_bytes(data)
+    offset = data.index(b"\xe9", len(good.encode()))
+    with pytest.raises(DataFileError) as info:
+        PromptSource(PromptSpec(path=str(path)))
+    # latin-1 é (0xe9) followed by a quote is not a UTF-8 sequence
+    assert str(info.value) == (
+        f"{path}: not UTF-8 text at byte offset {offset} (line 2): invalid continuation byte; save the file "
+        "as UTF-8"
+    )

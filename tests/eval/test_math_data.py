@@ -153,3 +153,46 @@ def test_prompt_sets_for_math_and_synthetic_data(tmp_path: Path) -> None:
     assert (syn.prompt_ids, syn.prompts, syn.answers) == (["h-0"], ["abc="], ["cba"])
     with pytest.raises(ValueError, match="missing column"):
         load_prompt_set("heldout", str(synthetic), "synthetic", tokenizer=None, answer_key="target")
+
+
+def test_bad_rows_are_skipped_counted_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from collections import Counter
+
+    good = _raw_rows(AIME_JSONL)[:3]
+    bad = [
+        {"id": 90, "problem": "What is $1+1$?", "answer": None},
+        {"id": 91, "problem": "   ", "answer": "3"},
+        {"id": 92, "problem": ["not", "text"], "answer": "4"},
+        {"id": 93, "problem": "What is $2+2$?", "answer": ""},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    rows = [good[0], bad[0], good[1], bad[1], bad[2], good[2], bad[3]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    skipped: Counter[str] = Counter()
+    with caplog.at_level("WARNING", logger="tasks.math_data"):
+        ds = math_data.load_math_dataset(str(path), skipped=skipped)
+    assert ds["problem"] == [r["problem"] for r in good]
+    assert skipped == {"no_answer": 2, "empty_problem": 1, "malformed": 1}
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        "mixed: skipped 4 of 7 rows that cannot be used (empty_problem 1, malformed 1, no_answer 2); "
+        "first: row 1:"
+    )
+
+
+def test_a_set_without_one_usable_row_is_an_error_naming_why(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"problem": "q", "answer": None}) + "\n")
+    with pytest.raises(
+        ValueError, match=r"bad: no usable rows \(skipped: no_answer 1; row 0: no reference answer"
+    ):
+        math_data.load_math_dataset(str(path))
+
+
+def test_a_non_utf8_math_file_names_the_file_and_byte(tmp_path: Path) -> None:
+    from tasks.data_files import DataFileError
+
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"problem": "\xe9", "answer": "1"}\n')
+    with pytest.raises(DataFileError, match=r"bad\.jsonl: not UTF-8 text at byte offset 13 \(line 1\)"):
+        math_data.load_math_dataset(str(path))
