@@ -18,7 +18,17 @@ class RewardConfig(StrictModel):
     function: str | None = Field(
         None, description="For type=python: 'package.module:function' taking (response, answer) -> float."
     )
-    timeout_s: float = Field(5.0, gt=0, description="A reward call slower than this scores 0 and is counted.")
+    timeout_s: float = Field(
+        5.0, gt=0, le=3600, description="A reward call slower than this scores 0 and is counted."
+    )
+    batch_budget_s: float | None = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="Seconds one batch of responses may spend in the reward function: once spent, the rest "
+        "of the batch scores 0 and is counted (reward_over_budget), so pathological responses cannot stall "
+        "an actor for timeout_s each. None = no budget.",
+    )
 
 
 class WeightSyncConfig(StrictModel):
@@ -64,7 +74,18 @@ class RolloutConfig(StrictModel):
     push_timeout_s: float = Field(
         120.0,
         gt=0,
-        description="Longest one push to a Ray buffer may take; a failed push is retried next step.",
+        description="Longest one push to a Ray buffer may take; a failed push is retried (push_retry_*).",
+    )
+    push_retry_initial_s: float = Field(
+        0.5,
+        gt=0,
+        le=600,
+        description="Wait before retrying a push that failed or that the buffer refused as full; doubled "
+        "after each further failure up to push_retry_max_s. The groups wait in the actor meanwhile (they "
+        "count as in flight for admission, and the prompt cursor stays behind them).",
+    )
+    push_retry_max_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest wait between push retries (the backoff's cap)."
     )
     reward: RewardConfig = RewardConfig()
     weight_sync: WeightSyncConfig = WeightSyncConfig()

@@ -22,11 +22,19 @@ so no vLLM/Ray threads are forked), sends a whole batch at once and waits for ea
 own deadline; on a timeout it kills that child (our own PID) and starts a fresh one for the rest of
 the batch. A function that raises, or a child that dies, scores 0 and is counted. ``math_verify``
 uses ``signal.alarm`` for its own timeouts, which works only in a main thread: in the child it is.
+
+Bad values and slow batches: a reward that is NaN or infinite scores 0 and is counted
+(``nonfinite``): the row stays usable (the buffer rejects non-finite rewards, and with them the
+whole group), and the count says the reward function is broken. A batch gets ``batch_budget_s`` in
+all: once spent, the child is killed and every response not yet scored scores 0, counted
+(``over_budget``), so 64 responses that each take the per-call ``timeout_s`` cannot hold an actor
+for 64 times that.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import multiprocessing as mp
 import time
 from collections.abc import Callable, Sequence
@@ -146,6 +154,8 @@ class RewardStats:
     calls: int = 0
     errors: int = 0
     timeouts: int = 0
+    nonfinite: int = 0
+    over_budget: int = 0
     child_restarts: int = 0
     reward_sum: float = 0.0
     last_error: str | None = None
@@ -193,11 +203,14 @@ class RewardScorer:
         self._proc, self._conn = None, None
 
     def score(self, responses: Sequence[str], answers: Sequence[str]) -> list[float]:
-        """One reward per response; errors, deaths and timeouts score 0.0 and are counted."""
+        """One finite reward per response; errors, deaths, timeouts, NaN/inf values and the responses
+        left when the batch budget runs out score 0.0 and are counted."""
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
         rewards: list[float] = []
         pending = list(zip(responses, answers, strict=True))
+        budget_s = self.cfg.batch_budget_s
+        budget_end = None if budget_s is None else time.monotonic() + budget_s
         while pending:
             conn = self._conn if self._conn is not None else self._start()
             if conn is None:
@@ -214,10 +227,23 @@ class RewardScorer:
                 continue
             while pending:
                 # The child starts the next item right after sending a result, so waiting
-                # timeout_s from here bounds each call, not the batch.
-                status, value = self._receive(conn, self.cfg.timeout_s)
+                # timeout_s from here bounds each call; the budget bounds the batch.
+                wait_s = self.cfg.timeout_s
+                if budget_end is not None:
+                    wait_s = min(wait_s, budget_end - time.monotonic())
+                status, value = self._receive(conn, wait_s)
+                if status == "timeout" and wait_s < self.cfg.timeout_s:
+                    # the budget ran out (before or during this call): the child still owes answers
+                    # for the rest of the batch, so it goes, and the rest scores 0
+                    self._kill()
+                    self.stats.child_restarts += 1
+                    self._count(len(pending), "over_budget", f"reward batch budget of {budget_s} s spent")
+                    rewards.extend(0.0 for _ in pending)
+                    return rewards
                 pending.pop(0)
                 reward = float(value) if status == "ok" else 0.0  # type: ignore[arg-type]
+                if not math.isfinite(reward):
+                    status, value, reward = "nonfinite", f"reward function returned {reward}", 0.0
                 rewards.append(reward)
                 self._count(1, status, value)
                 if status in ("timeout", "died"):
@@ -232,6 +258,11 @@ class RewardScorer:
             self.stats.reward_sum += float(value)  # type: ignore[arg-type]
         elif status == "timeout":
             self.stats.timeouts += calls
+        elif status == "nonfinite":
+            self.stats.nonfinite += calls
+            self.stats.last_error = str(value)
+        elif status == "over_budget":
+            self.stats.over_budget += calls
         else:
             self.stats.errors += calls
             self.stats.last_error = str(value)

@@ -20,3 +20,14 @@ def flaky_reward(response: str, answer: str) -> float:
 def length_reward(response: str, answer: str) -> float:
     """Length of the response, to check a user function's value passes through unchanged."""
     return float(len(response))
+
+
+def nonfinite_reward(response: str, answer: str) -> float:
+    """float(answer) for the answers 'nan', 'inf' and '-inf' (a broken reward function), else 1.0."""
+    return float(answer) if answer in ("nan", "inf", "-inf") else 1.0
+
+
+def slow_reward(response: str, answer: str) -> float:
+    """1.0 after float(answer) seconds: a pathological response that is slow to verify."""
+    time.sleep(float(answer))
+    return 1.0

@@ -129,6 +129,41 @@ def test_scorer_counts_errors_and_timeouts_and_keeps_going() -> None:
         scorer.close()
 
 
+def test_nan_and_inf_rewards_score_zero_and_are_counted() -> None:
+    scorer = RewardScorer(RewardConfig(type="python", function="tests.actors.reward_fns:nonfinite_reward"))
+    try:
+        rewards = scorer.score(["a", "b", "c", "d"], ["nan", "inf", "-inf", "ok"])
+        assert rewards == [0.0, 0.0, 0.0, 1.0]
+        assert scorer.stats.nonfinite == 3 and scorer.stats.calls == 4 and scorer.stats.errors == 0
+        assert scorer.stats.reward_sum == 1.0
+        assert scorer.stats.last_error == "reward function returned -inf"  # the last of them
+    finally:
+        scorer.close()
+
+
+def test_batch_budget_scores_the_rest_zero_and_counts_it() -> None:
+    # each call takes 0.3 s, well inside the per-call timeout; the batch may take 1.2 s in all
+    cfg = RewardConfig(
+        type="python", function="tests.actors.reward_fns:slow_reward", timeout_s=5.0, batch_budget_s=1.2
+    )
+    scorer = RewardScorer(cfg)
+    try:
+        assert scorer.score(["warm"], ["0"]) == [1.0]  # the child is up: its start-up is not timed below
+        started = time.monotonic()
+        rewards = scorer.score(["r"] * 10, ["0.3"] * 10)
+        elapsed_s = time.monotonic() - started
+        scored = rewards.count(1.0)
+        # 1.2 s / 0.3 s = 4 calls fit at most (a loaded machine may fit fewer); without a budget all 10
+        # would score 1.0, after 10 x 0.3 = 3 s
+        assert 1 <= scored <= 4 and rewards == [1.0] * scored + [0.0] * (10 - scored), rewards
+        assert scorer.stats.over_budget == 10 - scored and scorer.stats.timeouts == 0
+        assert elapsed_s < 2.9
+        # the busy child was replaced; the next batch gets its own budget
+        assert scorer.score(["r"], ["0"]) == [1.0]
+    finally:
+        scorer.close()
+
+
 def test_scorer_builtin_in_child() -> None:
     scorer = RewardScorer(RewardConfig(type="math", timeout_s=10))
     try:

@@ -64,7 +64,7 @@ def test_unknown_key_in_a_file_is_named_with_the_allowed_keys(tmp_path: Path) ->
         ),
         (
             "rollout.reward.kind=math",
-            "rollout.reward.kind: unknown key; allowed: function, timeout_s, type",
+            "rollout.reward.kind: unknown key; allowed: batch_budget_s, function, timeout_s, type",
         ),
     ],
 )
