@@ -38,15 +38,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from actors.admission import AdmissionRule
 from actors.config import RolloutConfig
 from actors.prompts import PromptItem, PromptSource, PromptSpec
 from actors.rewards import RewardScorer
 from actors.weight_sync import WeightManifest, WeightSyncError, make_receiver
+from buffers.replay import BUFFER_FULL, PushResult
 from buffers.schema import records_to_table
+from buffers.validation import DUPLICATE_GROUP_ID, DUPLICATE_TRAJ_ID, REJECT_REASONS
+from tasks.data_files import ROW_REJECT_REASONS
 
 WORKER_EXTENSION = "actors.vllm_extension.WeightLoaderExtension"
+# skip reasons besides those of tasks.data_files.ROW_REJECT_REASONS (rollout stats, Prometheus labels)
+PROMPT_TOO_LONG = "prompt_too_long"
 
 
 def call_endpoint(target: Any, method: str, *args: Any, timeout_s: float) -> Any:
@@ -121,7 +127,10 @@ class RolloutWorker:
         self._learner_version = initial_version
         self._accepted_groups = 0
         self._in_flight: dict[concurrent.futures.Future, _Group] = {}
-        self._pending_push: list[tuple[pa.Table, int]] = []
+        # finished groups not yet stored by the buffer, oldest first: (table, prompt position per group)
+        self._pending_push: list[tuple[pa.Table, list[int]]] = []
+        self._push_retry_at = 0.0  # time.monotonic() before which no push is tried
+        self._push_backoff_s = 0.0
         self._broken: str | None = None
         self._counters: dict[str, float] = {
             "groups_generated": 0,
@@ -135,8 +144,12 @@ class RolloutWorker:
             "sync_seconds_total": 0.0,
             "last_sync_seconds": 0.0,
             "push_failures": 0,
+            "push_full": 0,
+            "push_retries": 0,
+            "push_duplicate_groups": 0,
         }
-        self._skipped: dict[str, int] = {}
+        self._skipped: dict[str, int] = dict.fromkeys((*ROW_REJECT_REASONS, PROMPT_TOO_LONG), 0)
+        self._push_rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self._busy_since: float | None = None
         self._last_push_result: Any = None
         self._last_push_error: str | None = None
@@ -317,16 +330,17 @@ class RolloutWorker:
                 self._counters["admission_blocked"] += 1
                 return
             item = self.prompts.next()
-            prompt_ids = list(self.tokenizer(item.prompt)["input_ids"])
-            if not item.prompt:
-                self._skip("empty_prompt")
-            elif len(prompt_ids) + self.cfg.max_tokens > self.cfg.max_model_len:
+            reason = item.rejected  # a null or blank prompt or answer
+            if reason is None:
+                prompt_ids = list(self.tokenizer(item.prompt)["input_ids"])
                 # vLLM rejects a request whose prompt plus max_tokens exceeds max_model_len.
-                self._skip("prompt_too_long")
-            else:
+                if len(prompt_ids) + self.cfg.max_tokens > self.cfg.max_model_len:
+                    reason = PROMPT_TOO_LONG
+            if reason is None:
                 self._submit(item, prompt_ids)
                 consecutive_skips = 0
                 continue
+            self._skip(reason)
             consecutive_skips += 1
             if consecutive_skips >= len(self.prompts):
                 raise ValueError(
@@ -350,7 +364,7 @@ class RolloutWorker:
         self._in_flight[future] = group
 
     def _pending_groups(self) -> int:
-        return sum(groups for _, groups in self._pending_push)
+        return sum(len(positions) for _, positions in self._pending_push)
 
     def _mark_idle_if_empty(self) -> None:
         if not self._in_flight and self._busy_since is not None:
@@ -378,14 +392,19 @@ class RolloutWorker:
             self.set_learner_version(
                 self._learner_version if learner_version is None else learner_version, accepted_groups
             )
-        self._retry_pending_pushes()
+        wait_s = self.cfg.step_timeout_s if wait_s is None else wait_s
+        pushed = self._push_pending()
         self._top_up()
         if not self._in_flight:
-            return 0
+            if self._pending_push:
+                # nothing to generate while the buffer holds back our groups: wait for the retry here
+                # rather than answer at once and be called again in a busy loop
+                time.sleep(min(max(self._push_retry_at - time.monotonic(), 0.0), wait_s))
+                pushed += self._push_pending()
+                self.prompts.commit(self._committed_position())
+            return pushed
         done, _ = concurrent.futures.wait(
-            list(self._in_flight),
-            timeout=self.cfg.step_timeout_s if wait_s is None else wait_s,
-            return_when=concurrent.futures.FIRST_COMPLETED,
+            list(self._in_flight), timeout=wait_s, return_when=concurrent.futures.FIRST_COMPLETED
         )
         finished: list[tuple[_Group, Any]] = []
         for future in done:
@@ -401,10 +420,9 @@ class RolloutWorker:
                 self._counters["engine_errors"] += 1
                 self._skip(f"engine_error:{type(err).__name__}")
         self._mark_idle_if_empty()
-        pushed = 0
         if finished:
-            table = self._build_table(finished)
-            pushed = self._push(table, len(finished))
+            self._pending_push.append((self._build_table(finished), [g.item.position for g, _ in finished]))
+            pushed += self._push_pending()
         self.prompts.commit(self._committed_position())
         self._top_up()  # keep the engine busy while the caller works between steps
         return pushed
@@ -420,8 +438,10 @@ class RolloutWorker:
         return total
 
     def _committed_position(self) -> int:
-        """Low-water mark: the oldest position not yet pushed (see actors/prompts.py)."""
+        """Low-water mark: the oldest position whose group the buffer has not stored yet (generating,
+        or waiting to be pushed again), so a restart never skips a group (see actors/prompts.py)."""
         positions = [g.item.position for g in self._in_flight.values()]
+        positions += [position for _, group_positions in self._pending_push for position in group_positions]
         return min(positions, default=self.prompts.next_position)
 
     def _build_table(self, finished: list[tuple[_Group, Any]]) -> pa.Table:
@@ -469,25 +489,79 @@ class RolloutWorker:
             self._counters["responses_generated"] += len(output.outputs)
         return records_to_table(records)
 
-    def _push(self, table: pa.Table, groups: int) -> int:
+    def _push_pending(self) -> int:
+        """Push every waiting group in one call, unless a retry is not due yet; returns groups stored.
+
+        The buffer's answer decides each group's fate (a group is the unit: the buffer takes or
+        refuses it whole):
+
+        * stored: counted in ``accepted_groups``;
+        * refused for room (``buffer_full``): kept, oldest first, and pushed again after a backoff;
+        * every row a duplicate: an earlier attempt was stored (its reply was lost): counted stored;
+        * rejected by validation: dropped for good, its rows counted by reason (``push_rejected_rows``).
+
+        A push that raises (buffer restarting, Ray timeout) keeps everything and backs off too.
+        """
+        if not self._pending_push or time.monotonic() < self._push_retry_at:
+            return 0
+        if self._push_backoff_s > 0:
+            self._counters["push_retries"] += 1
+        tables = [table for table, _ in self._pending_push]
+        positions = [position for _, group_positions in self._pending_push for position in group_positions]
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
         try:
-            self._last_push_result = call_endpoint(
-                self.sink, "push", table, timeout_s=self.cfg.push_timeout_s
-            )
+            result = call_endpoint(self.sink, "push", table, timeout_s=self.cfg.push_timeout_s)
         except Exception as err:
-            # A buffer restarting (Ray) or briefly unreachable: keep the rows and retry next step;
+            # A buffer restarting (Ray) or briefly unreachable: keep the rows and retry later;
             # pending groups count as in flight for admission, so nothing piles up without bound.
             self._counters["push_failures"] += 1
             self._last_push_error = f"{type(err).__name__}: {err}"
-            self._pending_push.append((table, groups))
+            self._back_off()
             return 0
-        self._accepted_groups += groups
-        return groups
+        self._last_push_result = result
+        reasons: dict[str, list[str]] = {}  # group_id -> reasons of its rejected rows
+        if isinstance(result, PushResult) and result.rejected:
+            group_of = dict(
+                zip(table.column("traj_id").to_pylist(), table.column("group_id").to_pylist(), strict=True)
+            )
+            for traj_id, reason in result.rejected:
+                # "<unknown>" ids: the whole push was unreadable (a bug here), so every group shares the fate
+                for group_id in [group_of[traj_id]] if traj_id in group_of else set(group_of.values()):
+                    reasons.setdefault(group_id, []).append(reason)
+        group_ids = list(dict.fromkeys(table.column("group_id").to_pylist()))
+        keep = [g for g in group_ids if BUFFER_FULL in reasons.get(g, ())]
+        stored = 0
+        for group_id in group_ids:
+            why = reasons.get(group_id)
+            if why is None:
+                stored += 1
+            elif all(r in (DUPLICATE_TRAJ_ID, DUPLICATE_GROUP_ID) for r in why):
+                stored += 1
+                self._counters["push_duplicate_groups"] += 1
+            elif BUFFER_FULL not in why:
+                for reason in why:
+                    self._push_rejected[reason] = self._push_rejected.get(reason, 0) + 1
+        self._accepted_groups += stored
+        self._pending_push = []
+        if keep:
+            self._counters["push_full"] += 1
+            kept = set(keep)
+            mask = pc.is_in(table.column("group_id"), pa.array(keep))
+            by_group = dict(zip(group_ids, positions, strict=True))
+            self._pending_push.append((table.filter(mask), [by_group[g] for g in group_ids if g in kept]))
+            self._back_off()
+        else:
+            self._push_backoff_s = 0.0
+            self._push_retry_at = 0.0
+        return stored
 
-    def _retry_pending_pushes(self) -> None:
-        pending, self._pending_push = self._pending_push, []
-        for table, groups in pending:
-            self._push(table, groups)
+    def _back_off(self) -> None:
+        """Schedule the next push attempt: push_retry_initial_s, doubled per failure, capped."""
+        cfg = self.cfg
+        self._push_backoff_s = min(
+            max(2 * self._push_backoff_s, cfg.push_retry_initial_s), cfg.push_retry_max_s
+        )
+        self._push_retry_at = time.monotonic() + self._push_backoff_s
 
     # -- reporting and shutdown --------------------------------------------------------------------
 
@@ -509,6 +583,10 @@ class RolloutWorker:
             "accepted_groups": self._accepted_groups,
             "in_flight_groups": len(self._in_flight),
             "pending_push_groups": self._pending_groups(),
+            "push_retry_in_s": max(self._push_retry_at - time.monotonic(), 0.0)
+            if self._pending_push
+            else 0.0,
+            "push_rejected_rows": dict(self._push_rejected),
             **counters,
             "generate_seconds": busy_s,
             "tokens_per_s": counters["tokens_generated"] / busy_s if busy_s > 0 else 0.0,
@@ -516,6 +594,8 @@ class RolloutWorker:
             "reward_mean": reward.reward_sum / reward.calls if reward.calls else 0.0,
             "reward_errors": reward.errors,
             "reward_timeouts": reward.timeouts,
+            "reward_nonfinite": reward.nonfinite,
+            "reward_over_budget": reward.over_budget,
             "reward_last_error": reward.last_error,
             "skipped_prompts": dict(self._skipped),
             "last_push_result": self._last_push_result,

@@ -44,6 +44,29 @@ DUPLICATE_TRAJ_ID = "duplicate_traj_id"
 DUPLICATE_GROUP_ID = "duplicate_group_id"
 INCONSISTENT_GROUP = "inconsistent_group"
 INCOMPLETE_GROUP = "incomplete_group"
+# every reason of this module, in check order (the metrics export each one from the first scrape, 0
+# included, so an alert on a reason's rate has a series before the first rejection)
+REJECT_REASONS = (
+    BAD_INPUT,
+    SCHEMA_MISMATCH,
+    NULL_FIELD,
+    BAD_GROUP_SIZE,
+    EMPTY_PROMPT,
+    EMPTY_RESPONSE,
+    LENGTH_MISMATCH,
+    NEGATIVE_TOKEN_ID,
+    NONFINITE_LOGPROB,
+    POSITIVE_LOGPROB,
+    NONFINITE_REWARD,
+    NONFINITE_ADVANTAGE,
+    BAD_TEMPERATURE,
+    NEGATIVE_VERSION,
+    VERSION_ORDER,
+    DUPLICATE_TRAJ_ID,
+    DUPLICATE_GROUP_ID,
+    INCONSISTENT_GROUP,
+    INCOMPLETE_GROUP,
+)
 
 UNKNOWN_TRAJ_ID = "<unknown>"
 

@@ -29,6 +29,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from buffers.replay import BUFFER_FULL, PARTIAL_GROUP, STALE, STORAGE_ERROR
+from buffers.validation import REJECT_REASONS
 from driftrl.report import learner_row
 
 
@@ -232,10 +234,34 @@ ROLLOUT_EXPORTS: tuple[Export, ...] = (
         "driftrl_rollout_weight_sync_last_seconds", "Time the last weight load took.", "last_sync_seconds"
     ),
     scalar(
+        "driftrl_rollout_reward_nonfinite",
+        "Reward calls that returned NaN or inf (scored 0).",
+        "reward_nonfinite",
+        counter=True,
+    ),
+    scalar(
+        "driftrl_rollout_reward_over_budget",
+        "Responses left unscored when a batch spent rollout.reward.batch_budget_s (scored 0).",
+        "reward_over_budget",
+        counter=True,
+    ),
+    scalar(
         "driftrl_rollout_push_failures",
-        "Pushes to the replay buffer that failed.",
+        "Pushes to the replay buffer that raised (kept and retried).",
         "push_failures",
         counter=True,
+    ),
+    scalar(
+        "driftrl_rollout_push_full",
+        "Pushes the buffer refused in part or whole for room (the groups kept and retried).",
+        "push_full",
+        counter=True,
+    ),
+    scalar("driftrl_rollout_push_retries", "Pushes retried after a backoff.", "push_retries", counter=True),
+    scalar(
+        "driftrl_rollout_pending_push_groups",
+        "Finished groups waiting in the actor for the buffer to take them.",
+        "pending_push_groups",
     ),
     scalar("driftrl_rollout_engine_errors", "vLLM generation errors.", "engine_errors", counter=True),
     scalar("driftrl_rollout_in_flight_groups", "Groups being generated.", "in_flight_groups"),
@@ -274,6 +300,8 @@ BUFFER_EXPORTS: tuple[Export, ...] = (
         "driftrl_buffer_lease_expired", "Leases that expired unacknowledged.", "lease_expired", counter=True
     ),
 )
+BUFFER_REJECT_REASONS: tuple[str, ...] = (*REJECT_REASONS, BUFFER_FULL, STORAGE_ERROR)
+BUFFER_EVICT_REASONS: tuple[str, ...] = (STALE, PARTIAL_GROUP)
 STALENESS_BUCKETS: tuple[float, ...] = (0, 1, 2, 3, 4, 6, 8, 16)
 SYNC_SECONDS_BUCKETS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STALENESS_COUNT_KEY = "staleness_count_"
@@ -396,18 +424,28 @@ class RunTelemetry(Collector):
 
         yield from _render(LEARNER_EXPORTS, {(): learner})
         yield from _render(PROBE_EXPORTS, {(): probe})
-        yield from _render(ROLLOUT_EXPORTS, rollout, ("actor",))
+        rollout_reasons = [
+            _by_reason(
+                "driftrl_rollout_skipped_prompts",
+                "Prompts an actor skipped, by reason (null/blank prompt or answer, too long, engine error).",
+                "skipped_prompts",
+                rollout.values(),
+            ),
+            _by_reason(
+                "driftrl_rollout_push_rejected_rows",
+                "Rows of an actor's pushes the buffer rejected for good, by validation reason.",
+                "push_rejected_rows",
+                rollout.values(),
+            ),
+        ]
+        yield from _render((*ROLLOUT_EXPORTS, *rollout_reasons), rollout, ("actor",))
+        if buffer:
+            # every reason from the first scrape, so a rate() alert has a series before the first one
+            buffer = {f"rejected.{reason}": 0.0 for reason in BUFFER_REJECT_REASONS} | buffer
+            buffer = {f"evicted.{reason}": 0.0 for reason in BUFFER_EVICT_REASONS} | buffer
         reasons = [
-            Export(
-                f"driftrl_buffer_{kind}_rows",
-                f"Rows {kind} by the buffer, by reason.",
-                tuple(
-                    ((key.removeprefix(f"{kind}."),), key)
-                    for key in sorted(buffer)
-                    if key.startswith(f"{kind}.")
-                ),
-                labels=("reason",),
-                counter=True,
+            _by_reason(
+                f"driftrl_buffer_{kind}_rows", f"Rows {kind} by the buffer, by reason.", kind, [buffer]
             )
             for kind in ("rejected", "evicted")
         ]
@@ -429,6 +467,13 @@ class RunTelemetry(Collector):
             for name in sorted(counters)
         ]
         yield from _render(driver, {(): counters})
+
+
+def _by_reason(name: str, help_text: str, kind: str, snapshots: Iterable[Mapping[str, float]]) -> Export:
+    """A counter family labelled ``reason`` from the ``<kind>.<reason>`` keys of flattened stats dicts."""
+    keys = sorted({key for snapshot in snapshots for key in snapshot if key.startswith(f"{kind}.")})
+    samples = tuple(((key.removeprefix(f"{kind}."),), key) for key in keys)
+    return Export(name, help_text, samples, labels=("reason",), counter=True)
 
 
 def _render(

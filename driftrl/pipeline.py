@@ -85,13 +85,21 @@ def _probe_batch(cfg: DriftConfig) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     from actors.prompts import PromptSpec, load_prompt_dataset
+    from tasks.data_files import row_text
 
     data = load_prompt_dataset(
         PromptSpec(path=cfg.task.eval_path, prompt_key=cfg.task.prompt_key, answer_key=cfg.task.answer_key)
     )
-    rows = data.select(range(min(cfg.metrics.probe_prompts, len(data))))
+    texts = []
+    for row in data:
+        prompt, answer, rejected = row_text(row[cfg.task.prompt_key], row[cfg.task.answer_key])
+        if rejected is None:
+            texts.append(prompt + answer)
+        if len(texts) == cfg.metrics.probe_prompts:
+            break
+    if not texts:
+        raise ConfigError(f"task.eval_path {cfg.task.eval_path}: no row has a non-blank prompt and answer")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    texts = [str(r[cfg.task.prompt_key]) + str(r[cfg.task.answer_key]) for r in rows]
     encoded = [tokenizer(t)["input_ids"][: cfg.rollout.max_model_len] for t in texts]
     width = max(len(e) for e in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -177,7 +185,7 @@ class Driver:
         import ray
 
         from actors.admission import AdmissionRule
-        from actors.prompts import PromptSpec
+        from actors.prompts import PromptSpec, load_prompt_dataset
         from actors.rollout import launch_rollout_actors
         from actors.weight_sync import launch_weight_board
         from buffers.actor import launch_buffer_actor
@@ -190,6 +198,14 @@ class Driver:
                 "rollout.weight_sync.transport: the driver wires only 'ray_bytes' so far; the NCCL "
                 "transport is available to custom drivers through actors.weight_sync"
             )
+        spec = PromptSpec(
+            path=cfg.task.train_path,
+            prompt_key=cfg.task.prompt_key,
+            answer_key=cfg.task.answer_key,
+            seed=cfg.run.seed,
+        )
+        # a bad train file fails here, at once and in one line, not in every actor's constructor
+        load_prompt_dataset(spec)
         self.server = MetricsServer(self.telemetry, cfg.metrics.host, cfg.metrics.port).start()
         log.info("metrics at %s/metrics", self.server.url)
         self.started_ray = _init_ray(cfg)
@@ -229,12 +245,6 @@ class Driver:
             self.last_probe = self._probe()
 
         admission = AdmissionRule(self.max_staleness, cfg.learner.groups_per_step * cfg.learner.sync_interval)
-        spec = PromptSpec(
-            path=cfg.task.train_path,
-            prompt_key=cfg.task.prompt_key,
-            answer_key=cfg.task.answer_key,
-            seed=cfg.run.seed,
-        )
         self.actors = launch_rollout_actors(
             cfg.rollout,
             cfg.model.path,

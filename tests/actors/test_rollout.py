@@ -6,6 +6,8 @@ last (they change the engine's weights).
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +19,8 @@ from actors.config import RewardConfig, RolloutConfig, WeightSyncConfig
 from actors.prompts import PromptSource, PromptSpec
 from actors.rollout import RolloutWorker
 from actors.weight_sync import BytesWeightPublisher
+from buffers.config import BufferConfig
+from buffers.replay import ReplayBuffer
 from buffers.schema import check_schema
 from tasks.tiny_model import make_tiny_model
 
@@ -51,6 +55,8 @@ def write_prompts(path: Path) -> Path:
         for i, w in enumerate(words)
     ]
     rows.append({"prompt_id": "long", "prompt": LONG_PROMPT, "answer": "x", "difficulty": 60})
+    rows.append({"prompt_id": "null", "prompt": None, "answer": "x", "difficulty": 0})
+    rows.append({"prompt_id": "blank", "prompt": "ab=", "answer": " ", "difficulty": 2})
     rows.append({"prompt_id": "boom", "prompt": "ba=", "answer": "boom", "difficulty": 2})
     rows.append({"prompt_id": "hang", "prompt": "ha=", "answer": "hang", "difficulty": 2})
     pq.write_table(pa.Table.from_pylist(rows), path)
@@ -145,11 +151,13 @@ def test_rows_are_whole_version_tagged_groups(worker: RolloutWorker) -> None:
 
 
 def test_long_prompt_skipped_and_bad_rewards_counted(worker: RolloutWorker) -> None:
-    # One full pass over the 11-row shard (plus what is already in flight) meets every special row.
+    # One full pass over the 13-row shard (plus what is already in flight) meets every special row.
     rows = generate_rows(worker, min_groups=len(worker.prompts) + 4)
     stats = worker.stats()
-    assert stats["skipped_prompts"].get("prompt_too_long", 0) >= 1
-    assert "long" not in set(rows["prompt_id"].to_pylist())
+    assert stats["skipped_prompts"]["prompt_too_long"] >= 1
+    # a null prompt and a blank answer are skipped with their reason, never sent as the text "None"
+    assert stats["skipped_prompts"]["null_prompt"] >= 1 and stats["skipped_prompts"]["blank_answer"] >= 1
+    assert not {"long", "null", "blank"} & set(rows["prompt_id"].to_pylist())
     # 'boom' raises for each of its G responses, 'hang' times out for each: reward 0, counted.
     assert stats["reward_errors"] >= GROUP_SIZE and stats["reward_timeouts"] >= GROUP_SIZE
     bad = rows.filter(pa.compute.is_in(rows["prompt_id"], pa.array(["boom", "hang"])))
@@ -206,8 +214,162 @@ def test_weight_update_switches_logprobs_and_version(worker: RolloutWorker, mode
 
 
 def test_cursor_is_committed(worker: RolloutWorker) -> None:
-    import json
-
     saved = json.loads(Path(worker.prompts.cursor_path).read_text())
     assert saved["position"] <= worker.prompts.next_position
     assert saved["position"] >= worker.stats()["groups_generated"]  # every pushed group advanced it
+
+
+# -- pushes the buffer refuses, loses or rejects: real ReplayBuffer, faults in the link only -----------
+
+
+class CountingBuffer(ReplayBuffer):
+    """The real buffer, counting push calls (to see the retry backoff)."""
+
+    push_calls = 0
+
+    def push(self, rows):
+        self.push_calls += 1
+        return super().push(rows)
+
+
+class LostReplyBuffer(ReplayBuffer):
+    """The real buffer behind a link that loses the reply of the first push (it was stored)."""
+
+    lost = False
+
+    def push(self, rows):
+        result = super().push(rows)
+        if not self.lost:
+            self.lost = True
+            raise TimeoutError("the reply was lost on the way back")
+        return result
+
+
+class CorruptingBuffer(ReplayBuffer):
+    """The real buffer behind a link that turns the first row's reward of the first push into NaN."""
+
+    corrupted = False
+
+    def push(self, rows):
+        if not self.corrupted:
+            self.corrupted = True
+            rewards = rows.column("reward").to_pylist()
+            rewards[0] = float("nan")
+            rows = rows.set_column(
+                rows.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float32())
+            )
+        return super().push(rows)
+
+
+def pending_positions(worker: RolloutWorker) -> list[int]:
+    # internal state on purpose: which prompt positions wait in the actor for the buffer
+    return [p for _, positions in worker._pending_push for p in positions]
+
+
+def committed_cursor(worker: RolloutWorker) -> int:
+    return json.loads(Path(worker.prompts.cursor_path).read_text())["position"]
+
+
+def drain(buffer: ReplayBuffer, version: int) -> set[str]:
+    """Lease and ack everything available; the group ids taken."""
+    table = buffer.sample(10_000, learner_version=version)
+    buffer.ack(table.column("traj_id"))
+    return set(table.column("group_id").to_pylist())
+
+
+def test_a_full_buffer_keeps_the_groups_retries_with_backoff_and_the_cursor_waits(
+    worker: RolloutWorker, tmp_path: Path
+) -> None:
+    buffer = CountingBuffer(BufferConfig(capacity_groups=2, when_full="reject"), str(tmp_path / "buffer"))
+    sink, worker.sink = worker.sink, buffer
+    before = worker.stats()
+    try:
+        for _ in range(100):
+            if worker.stats()["pending_push_groups"]:
+                break
+            worker.generate_step(wait_s=1.0)
+        stats = worker.stats()
+        assert stats["pending_push_groups"] >= 1 and stats["push_full"] > before["push_full"]
+        assert buffer.stats()["groups_available"] == 2
+        # the committed cursor stays behind every waiting group: a restart now regenerates them
+        assert committed_cursor(worker) <= min(pending_positions(worker))
+
+        # while the buffer stays full, retries come after 0.5 s, then 1 s, 2 s ... (not every step,
+        # which here is every 0.2 s at most)
+        calls, started = buffer.push_calls, time.monotonic()
+        while time.monotonic() - started < 2.0:
+            worker.generate_step(wait_s=0.2)
+        assert 1 <= buffer.push_calls - calls <= 3
+        assert worker.stats()["push_retries"] > before["push_retries"]
+
+        # room again: every kept group lands, none is lost, and the cursor moves on past them
+        waiting = {g for table, _ in worker._pending_push for g in table.column("group_id").to_pylist()}
+        stored = drain(buffer, worker.version)
+        deadline = time.monotonic() + 120
+        while not waiting <= stored:
+            assert time.monotonic() < deadline, (waiting - stored, worker.stats()["pending_push_groups"])
+            worker.generate_step(wait_s=0.5)
+            stored |= drain(buffer, worker.version)
+        after = worker.stats()
+        accepted_groups = after["accepted_groups"] - before["accepted_groups"]
+        assert buffer.stats()["accepted"] == GROUP_SIZE * accepted_groups
+        generated = after["groups_generated"] - before["groups_generated"]
+        assert accepted_groups + after["pending_push_groups"] == generated
+    finally:
+        worker.sink = sink
+    # back on the list sink: drain what this test left waiting
+    while worker.stats()["pending_push_groups"]:
+        worker.generate_step(wait_s=0.5)
+    worker.sink.take()
+
+
+def test_a_push_whose_reply_was_lost_is_retried_and_counted_stored_once(
+    worker: RolloutWorker, tmp_path: Path
+) -> None:
+    buffer = LostReplyBuffer(BufferConfig(), str(tmp_path / "buffer"))
+    sink, worker.sink = worker.sink, buffer
+    before = worker.stats()
+    try:
+        deadline = time.monotonic() + 120
+        while not (buffer.lost and worker.stats()["pending_push_groups"] == 0):
+            assert time.monotonic() < deadline
+            worker.generate_step(wait_s=0.5)
+        after = worker.stats()
+        assert after["push_failures"] == before["push_failures"] + 1
+        assert after["push_duplicate_groups"] > before["push_duplicate_groups"]
+        accepted_groups = after["accepted_groups"] - before["accepted_groups"]
+        stats = buffer.stats()
+        # each group stored once, counted once; the duplicates of the retry are no rejection
+        assert stats["accepted"] == GROUP_SIZE * accepted_groups
+        assert (
+            after["push_rejected_rows"]["duplicate_traj_id"]
+            == before["push_rejected_rows"]["duplicate_traj_id"]
+        )
+    finally:
+        worker.sink = sink
+
+
+def test_rows_the_buffer_rejects_are_dropped_and_counted_by_reason(
+    worker: RolloutWorker, tmp_path: Path
+) -> None:
+    buffer = CorruptingBuffer(BufferConfig(), str(tmp_path / "buffer"))
+    sink, worker.sink = worker.sink, buffer
+    before = worker.stats()
+    try:
+        while not buffer.corrupted:
+            worker.generate_step(wait_s=0.5)
+        after = worker.stats()
+        rejected = {
+            k: after["push_rejected_rows"][k] - before["push_rejected_rows"][k]
+            for k in after["push_rejected_rows"]
+        }
+        # the NaN row for its reward, the rest of its group because GRPO needs whole groups
+        assert {k: v for k, v in rejected.items() if v} == {
+            "nonfinite_reward": 1,
+            "incomplete_group": GROUP_SIZE - 1,
+        }
+        assert after["pending_push_groups"] == 0  # not retried: it would be rejected again
+        accepted_groups = after["accepted_groups"] - before["accepted_groups"]
+        assert buffer.stats()["accepted"] == GROUP_SIZE * accepted_groups
+    finally:
+        worker.sink = sink

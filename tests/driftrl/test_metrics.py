@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -80,14 +81,21 @@ ROLLOUT_STATS = {
     "syncs": 4,
     "sync_seconds_total": 2.5,
     "last_sync_seconds": 0.75,
-    "push_failures": 0,
+    "push_failures": 1,
+    "push_full": 3,
+    "push_retries": 5,
+    "push_duplicate_groups": 1,
+    "push_retry_in_s": 0.0,
+    "push_rejected_rows": {"nonfinite_reward": 1, "incomplete_group": 3},
     "tokens_per_s": 512.0,
     "reward_calls": 60,
     "reward_mean": 0.375,
     "reward_errors": 2,
     "reward_timeouts": 1,
+    "reward_nonfinite": 4,
+    "reward_over_budget": 6,
     "reward_last_error": "ZeroDivisionError",
-    "skipped_prompts": {"prompt_too_long": 1},
+    "skipped_prompts": {"prompt_too_long": 1, "null_prompt": 2, "blank_answer": 0},
     "last_push_result": None,
     "last_push_error": None,
     "broken": None,
@@ -104,6 +112,11 @@ ROLLOUT_SAMPLES = {
     "driftrl_rollout_weight_sync_seconds_total": "sync_seconds_total",
     "driftrl_rollout_weight_sync_last_seconds": "last_sync_seconds",
     "driftrl_rollout_push_failures_total": "push_failures",
+    "driftrl_rollout_push_full_total": "push_full",
+    "driftrl_rollout_push_retries_total": "push_retries",
+    "driftrl_rollout_pending_push_groups": "pending_push_groups",
+    "driftrl_rollout_reward_nonfinite_total": "reward_nonfinite",
+    "driftrl_rollout_reward_over_budget_total": "reward_over_budget",
     "driftrl_rollout_engine_errors_total": "engine_errors",
     "driftrl_rollout_in_flight_groups": "in_flight_groups",
     "driftrl_rollout_accepted_groups_total": "accepted_groups",
@@ -230,8 +243,49 @@ def test_rollout_and_buffer_stats_under_their_names(server, tmp_path):
     assert samples[("driftrl_buffer_acked_rows_total", ())] == stats["acked"]
     assert samples[("driftrl_buffer_evicted_rows_total", (("reason", "stale"),))] == 2
     assert samples[("driftrl_buffer_rejected_rows_total", (("reason", "bad_input"),))] == 1
+    for family, key in (
+        ("driftrl_rollout_skipped_prompts_total", "skipped_prompts"),
+        ("driftrl_rollout_push_rejected_rows_total", "push_rejected_rows"),
+    ):
+        exported = {
+            dict(labels)["reason"]: value
+            for (name, labels), value in samples.items()
+            if name == family and dict(labels)["actor"] == "0"
+        }
+        assert exported == ROLLOUT_STATS[key], family
     assert samples[("driftrl_weight_sync_seconds_count", ())] == 1
     assert samples[("driftrl_weight_sync_failures_total", ())] == 1
+
+
+def test_every_rejection_reason_is_a_series_from_the_first_scrape_and_counts_real_rejections(
+    server, tmp_path
+):
+    from buffers.replay import BUFFER_FULL
+    from buffers.validation import INCOMPLETE_GROUP, NONFINITE_REWARD, REJECT_REASONS
+
+    buffer = ReplayBuffer(BufferConfig(), str(tmp_path / "buffer"))
+    server.telemetry.record_buffer(buffer.stats())
+    samples = _scrape(server.url)
+    rejected = {
+        dict(labels)["reason"]: value
+        for (name, labels), value in samples.items()
+        if name == "driftrl_buffer_rejected_rows_total"
+    }
+    assert rejected == dict.fromkeys((*REJECT_REASONS, BUFFER_FULL, "storage_error"), 0.0)
+
+    # a group of 3 with one NaN reward: that row for its reward, the other two for the group
+    table = rollout_table(np.random.default_rng(0), [0, 0], group_size=3)
+    rewards = table.column("reward").to_pylist()
+    rewards[1] = float("nan")
+    table = table.set_column(
+        table.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float32())
+    )
+    assert buffer.push(table).accepted == 3
+    server.telemetry.record_buffer(buffer.stats())
+    samples = _scrape(server.url)
+    assert samples[("driftrl_buffer_rejected_rows_total", (("reason", NONFINITE_REWARD),))] == 1
+    assert samples[("driftrl_buffer_rejected_rows_total", (("reason", INCOMPLETE_GROUP),))] == 2
+    assert samples[("driftrl_buffer_rejected_rows_total", (("reason", "null_field"),))] == 0
 
 
 def dashboard_expressions() -> list[str]:
