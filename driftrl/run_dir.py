@@ -68,7 +68,11 @@ class DirLock:
                 f"that run to end (or stop it), or use another run.name (lock file {self.path})"
             ) from None
         os.ftruncate(fd, 0)
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         os.write(fd, (json.dumps(holder) + "\n").encode())
         self._fd = fd
 

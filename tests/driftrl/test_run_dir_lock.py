@@ -43,7 +43,9 @@ def holder():
 
 def test_second_lock_names_the_holder_and_is_free_again_after_release(tmp_path: Path) -> None:
     first = DirLock(tmp_path / "run")
-    with pytest.raises(RunDirInUseError, match=rf"run directory {tmp_path / 'run'} is in use by pid {os.getpid()} "):
+    with pytest.raises(
+        RunDirInUseError, match=rf"run directory {tmp_path / 'run'} is in use by pid {os.getpid()} "
+    ):
         DirLock(tmp_path / "run")
     assert in_use(tmp_path / "run")
     first.release()
@@ -68,7 +70,15 @@ def test_train_refuses_a_run_directory_held_by_another_process(tmp_path: Path, h
 def test_cli_exits_2_with_one_line_naming_the_holder(tmp_path: Path, holder) -> None:
     proc = holder(tmp_path / "busy")
     result = subprocess.run(
-        [sys.executable, "-m", "driftrl.cli", "train", f"run.root_dir={tmp_path}", "run.name=busy", "--no-progress"],
+        [
+            sys.executable,
+            "-m",
+            "driftrl.cli",
+            "train",
+            f"run.root_dir={tmp_path}",
+            "run.name=busy",
+            "--no-progress",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
