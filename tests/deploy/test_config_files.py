@@ -4,7 +4,9 @@
 - ``deploy/runtime-env.yaml`` -> Ray's :class:`ray.runtime_env.RuntimeEnv`.
 - ``deploy/k8s/*.yaml``: ``RayCluster``/``RayJob`` -> the KubeRay CRD's ``v1`` OpenAPI schema from
   ``../shared/kuberay/`` (offline, with ``jsonschema``), closed the way ``kubectl apply`` (strict field
-  validation, its default) closes it; ``Service``, ``PersistentVolumeClaim`` and ``ServiceMonitor`` ->
+  validation, its default) closes it; ``Service``, ``PersistentVolumeClaim`` and ``NetworkPolicy`` ->
+  the Kubernetes JSON schemas of :data:`K8S_VERSION`, strict (unknown fields rejected), from the pinned
+  ``kubernetes-validate`` package (offline); ``ServiceMonitor`` (a CRD of the Prometheus Operator) ->
   the structural checks below. Every pod template gets the security checks.
 - ``deploy/grafana/*.json`` -> parses as a dashboard (its content is the pipeline engineer's).
 
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -34,7 +37,16 @@ REPO = Path(__file__).resolve().parents[2]
 KUBERAY_DIR = REPO / ".." / "shared" / "kuberay"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 RAY_KINDS = tuple(CRD_FILES)
-OTHER_KINDS = ("Service", "PersistentVolumeClaim", "ServiceMonitor")
+OTHER_KINDS = ("Service", "PersistentVolumeClaim", "NetworkPolicy", "ServiceMonitor")
+# the Kubernetes release whose schemas the standard kinds are checked against (KubeRay 1.5 supports it)
+K8S_VERSION = "1.33.0"
+# where Ray, vLLM, Triton, DeepSpeed and matplotlib write inside a pod with a read-only root
+# filesystem (HOME=/home/ray in deploy/Dockerfile); the submitter runs only the `ray` CLI
+WRITABLE_PATHS = {
+    "head": ("/tmp", "/home/ray/.cache", "/home/ray/.config", "/home/ray/.triton"),
+    "worker": ("/tmp", "/home/ray/.cache", "/home/ray/.config", "/home/ray/.triton"),
+    "submitter": ("/tmp", "/home/ray/.cache"),
+}
 # Where deploy/Dockerfile puts the repository inside the image (its WORKDIR).
 IMAGE_REPO_DIR = "/home/ray/driftrl"
 DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -211,6 +223,8 @@ def pod_security_problems(where: str, pod: dict[str, Any]) -> list[str]:
             problems.append(f"{at}: allowPrivilegeEscalation is not false")
         if "ALL" not in ctx.get("capabilities", {}).get("drop", []):
             problems.append(f"{at}: capabilities do not drop ALL")
+        if ctx.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{at}: readOnlyRootFilesystem is not true")
         for env in c.get("env", []):
             if SECRET_NAME.search(env["name"]) and "value" in env:
                 problems.append(f"{at}: {env['name']} is inline; use valueFrom.secretKeyRef")
@@ -219,7 +233,7 @@ def pod_security_problems(where: str, pod: dict[str, Any]) -> list[str]:
                 problems.append(f"{at}: secretKeyRef of {env['name']} needs name and key")
         resources = c.get("resources", {})
         for kind in ("requests", "limits"):
-            for res in ("cpu", "memory"):
+            for res in ("cpu", "memory", "ephemeral-storage"):
                 if res not in resources.get(kind, {}):
                     problems.append(f"{at}: no {kind}.{res}")
         if resources.get("limits", {}).get("nvidia.com/gpu") != resources.get("requests", {}).get(
@@ -229,6 +243,22 @@ def pod_security_problems(where: str, pod: dict[str, Any]) -> list[str]:
         tag = c["image"].rsplit("/", 1)[-1].partition(":")[2]
         if tag in ("", "latest") and "@sha256:" not in c["image"]:
             problems.append(f"{at}: image {c['image']} has no pinned tag")
+    for volume in pod.get("volumes", []):
+        empty_dir = volume.get("emptyDir")
+        if empty_dir is not None and "sizeLimit" not in empty_dir:
+            problems.append(f"{where}: emptyDir {volume['name']} has no sizeLimit")
+    return problems
+
+
+def writable_path_problems(where: str, role: str, pod: dict[str, Any]) -> list[str]:
+    """Paths a read-only container must still write, each an emptyDir mount."""
+    empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    problems = []
+    for c in pod["containers"]:
+        mounted = {m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] in empty_dirs}
+        for path in WRITABLE_PATHS[role]:
+            if path not in mounted:
+                problems.append(f"{where}/{c['name']}: {path} is not a writable emptyDir mount")
     return problems
 
 
@@ -254,8 +284,9 @@ def manifest_problems(doc: dict[str, Any]) -> list[str]:
             problems.append(f"{name}: ingress enabled")
         if cluster_spec(doc).get("authOptions", {}).get("mode") != "token":
             problems.append(f"{name}: Ray token authentication is off (authOptions.mode: token)")
-        for where, _, template in pod_templates(doc):
+        for where, role, template in pod_templates(doc):
             problems += pod_security_problems(where, template["spec"])
+            problems += writable_path_problems(where, role, template["spec"])
     elif kind == "Service":
         if doc["spec"].get("type") != "ClusterIP":
             problems.append(
@@ -269,8 +300,14 @@ def manifest_problems(doc: dict[str, Any]) -> list[str]:
 
 
 def check_standard_kind(doc: dict[str, Any]) -> None:
-    """Structure of the non-Ray kinds we ship (no schema for them offline)."""
+    """The non-Ray kinds we ship: Kubernetes' own schema (strict) where it has one, then our rules."""
     kind = doc["kind"]
+    if kind != "ServiceMonitor":
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            where = ".".join(str(p) for p in err.path) or "(top)"
+            pytest.fail(f"{kind} {doc['metadata']['name']}: {where}: {err.message}")
     if kind == "Service":
         assert doc["apiVersion"] == "v1"
         assert doc["spec"]["selector"], "a Service without a selector"
@@ -285,6 +322,9 @@ def check_standard_kind(doc: dict[str, Any]) -> None:
             "ReadWriteOncePod",
         }
         assert re.fullmatch(r"\d+(Ki|Mi|Gi|Ti|Pi)", doc["spec"]["resources"]["requests"]["storage"])
+    elif kind == "NetworkPolicy":
+        assert doc["apiVersion"] == "networking.k8s.io/v1"
+        assert "Ingress" in doc["spec"]["policyTypes"]
     elif kind == "ServiceMonitor":
         assert doc["apiVersion"] == "monitoring.coreos.com/v1"
         assert doc["spec"]["selector"]["matchLabels"]
@@ -333,7 +373,7 @@ def test_the_folders_hold_what_the_tests_expect() -> None:
     assert (REPO / "configs" / "qwen2.5-7b-dapo.yaml") in CONFIG_FILES
     kinds = sorted(d["kind"] for _, d in all_manifests())
     assert kinds.count("RayCluster") == 2 and kinds.count("RayJob") == 2, kinds
-    assert {"Service", "PersistentVolumeClaim", "ServiceMonitor"} <= set(kinds)
+    assert {"Service", "PersistentVolumeClaim", "NetworkPolicy", "ServiceMonitor"} <= set(kinds)
 
 
 # --- the validator rejects what a cluster would reject --------------------------------------------
@@ -410,9 +450,22 @@ def test_wrong_types_and_missing_fields_are_rejected(mutate, where: str) -> None
         (lambda c, p: c["env"].append({"name": "HF_TOKEN", "value": "hf_x"}), "HF_TOKEN is inline"),
         (lambda c, p: c["resources"]["limits"].pop("memory"), "no limits.memory"),
         (lambda c, p: c.__setitem__("image", "registry.example.com/driftrl:latest"), "has no pinned tag"),
+        (lambda c, p: c["securityContext"].pop("readOnlyRootFilesystem"), "readOnlyRootFilesystem is not true"),
+        (lambda c, p: c["resources"]["limits"].pop("ephemeral-storage"), "no limits.ephemeral-storage"),
+        (
+            lambda c, p: next(v for v in p["volumes"] if v["name"] == "scratch")["emptyDir"].pop("sizeLimit"),
+            "emptyDir scratch has no sizeLimit",
+        ),
+        (
+            lambda c, p: c["volumeMounts"].remove(next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")),
+            "/tmp is not a writable emptyDir mount",
+        ),
     ],
-    ids=["privileged", "escalation", "root", "host-network", "inline-token", "no-memory-limit", "latest"],
-)
+    ids=[
+        "privileged", "escalation", "root", "host-network", "inline-token", "no-memory-limit", "latest",
+        "writable-root", "no-ephemeral-limit", "unbounded-emptydir", "no-tmp",
+    ],
+)  # fmt: skip
 def test_security_check_reports_each_violation(mutate, expected: str) -> None:
     doc = _single_node_cluster()
     pod = doc["spec"]["headGroupSpec"]["template"]["spec"]
@@ -562,3 +615,113 @@ def test_rayjob_runtime_env_matches_the_submit_runtime_env() -> None:
     assert not {"pip", "uv", "conda", "container", "image_uri"} & submit_env.keys()
     assert not any(SECRET_NAME.search(k) for k in submit_env["env_vars"])
     assert {".venv/", ".git/", "runs/"} <= set(submit_env["excludes"])
+
+
+# --- probes on the driver's /healthz, the network policy -------------------------------------------
+
+
+def probe_url(probe: dict[str, Any]) -> str:
+    """The URL an exec probe of the form ``python -c "...urlopen('<url>', ...)"`` opens."""
+    command = probe["exec"]["command"]
+    assert command[:2] == ["python", "-c"], command
+    (url,) = re.findall(r"urlopen\('([^']+)'", command[2])
+    return url
+
+
+def test_rayjob_submitters_probe_the_drivers_healthz_and_the_head_does_not() -> None:
+    (service,) = of_kind("Service")
+    (port,) = service["spec"]["ports"]
+    expected = f"http://{service['metadata']['name']}:{port['port']}/healthz"
+    for job in of_kind("RayJob"):
+        assert rayjob_config(job).metrics.port == port["port"]
+        for where, role, template in pod_templates(job):
+            (container,) = template["spec"]["containers"]
+            probes = {
+                k: container[k] for k in ("startupProbe", "readinessProbe", "livenessProbe") if k in container
+            }
+            if role == "submitter":
+                assert set(probes) == {"startupProbe", "readinessProbe", "livenessProbe"}, where
+                assert {k: probe_url(v) for k, v in probes.items()} == dict.fromkeys(probes, expected)
+                # a run is ended only after a long unhealthy stretch, not at one slow learner step
+                live = probes["livenessProbe"]
+                assert live["periodSeconds"] * live["failureThreshold"] >= 600, where
+            else:
+                # KubeRay submits the job once the head is ready: a head probe on the driver would
+                # wait for itself (and restart long-lived clusters between runs)
+                assert not probes, where
+
+
+def test_the_probe_command_fails_on_503_and_on_no_server_and_passes_on_200() -> None:
+    import subprocess
+    import sys
+
+    from driftrl.metrics import MetricsServer, RunTelemetry
+
+    (job, *_) = of_kind("RayJob")
+    (container,) = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    command = container["livenessProbe"]["exec"]["command"]
+    telemetry = RunTelemetry(heartbeat_timeout_s=60)
+    server = MetricsServer(telemetry, host="127.0.0.1", port=0).start()
+    try:
+        # the same command, with this machine's python and the test server in place of the Service
+        code = command[2].replace(probe_url(container["livenessProbe"]), f"{server.url}/healthz")
+        local = [sys.executable, "-c", code]
+
+        def exit_code() -> int:
+            return subprocess.run(local, capture_output=True, timeout=60).returncode
+
+        assert exit_code() == 0
+        telemetry.heartbeats["learner"] = 0.0  # last heard of in 1970: /healthz answers 503
+        assert exit_code() != 0
+    finally:
+        server.stop()
+    assert exit_code() != 0  # nothing listening
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"evaluator knows matchLabels only: {selector}"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def ingress_allowed(policy: dict[str, Any], port: int, peer: dict[str, str], same_namespace: bool) -> bool:
+    """Whether ``policy`` lets a pod with labels ``peer`` reach ``port`` (NetworkPolicy semantics)."""
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if ports and port not in ports:
+            continue
+        for source in rule.get("from", []):
+            namespace_ok = "namespaceSelector" in source or same_namespace
+            if namespace_ok and _selects(source.get("podSelector", {}), peer):
+                return True
+    return False
+
+
+def test_network_policy_opens_the_ports_to_prometheus_the_operator_and_the_run_only() -> None:
+    (policy,) = of_kind("NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    # it covers every pod of every manifest
+    for doc in of_kind(*RAY_KINDS):
+        for where, _, template in pod_templates(doc):
+            assert _selects(policy["spec"]["podSelector"], template["metadata"]["labels"]), where
+    run_pod = {"app.kubernetes.io/name": "driftrl", "app.kubernetes.io/component": "ray-worker"}
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    operator = {"app.kubernetes.io/name": "kuberay-operator"}
+    stranger = {"app": "someone-else"}
+    metrics, ray_metrics, dashboard, client, gcs = 9464, 8080, 8265, 10001, 6379
+    expected = {
+        (metrics, "run"): True, (ray_metrics, "run"): True, (dashboard, "run"): True, (client, "run"): True,
+        (gcs, "run"): True,
+        (metrics, "prometheus"): True, (ray_metrics, "prometheus"): True, (dashboard, "prometheus"): False,
+        (client, "prometheus"): False,
+        (dashboard, "operator"): True, (metrics, "operator"): False, (client, "operator"): False,
+        (metrics, "stranger"): False, (dashboard, "stranger"): False, (client, "stranger"): False,
+        (gcs, "stranger"): False,
+    }  # fmt: skip
+    peers = {"run": run_pod, "prometheus": prometheus, "operator": operator, "stranger": stranger}
+    for (port, who), allowed in expected.items():
+        # Prometheus and the operator usually run in their own namespaces; the rest is in ours
+        other_namespace = who in ("prometheus", "operator")
+        got = ingress_allowed(policy, port, peers[who], same_namespace=not other_namespace)
+        assert got == allowed, (port, who)
+    # the run's pods of another namespace are strangers too (their podSelector rule has no namespaceSelector)
+    assert not ingress_allowed(policy, client, run_pod, same_namespace=False)
