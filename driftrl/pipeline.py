@@ -112,7 +112,7 @@ def _probe_batch(cfg: DriftConfig) -> tuple[Any, Any]:
 
 
 def _init_ray(cfg: DriftConfig) -> bool:
-    """Connect to the configured cluster or start local Ray; returns whether we started it."""
+    """Connect to the configured cluster or start local Ray on 127.0.0.1; returns whether we started it."""
     import ray
 
     if ray.is_initialized():
@@ -125,8 +125,30 @@ def _init_ray(cfg: DriftConfig) -> bool:
         return True
     # vLLM and DeepSpeed write a lot to stdout; their logs stay in Ray's session folder so the
     # progress bar stays readable (errors come back as exceptions through the object refs)
-    ray.init(num_cpus=cfg.run.ray_num_cpus, include_dashboard=False, log_to_driver=False)
+    start_local_ray(cfg.run.ray_num_cpus, log_to_driver=False)
     return True
+
+
+def start_local_ray(num_cpus: int | None, **init_kwargs: Any) -> None:
+    """``ray.init`` of a new single-machine Ray that listens on 127.0.0.1 only.
+
+    Ray's GCS, raylets, workers and agents bind every interface unless the node IP is exactly
+    127.0.0.1, which ``ray.init(_node_ip_address=...)`` cannot give (it maps a loopback address to
+    the machine's); Ray's own single-machine switch (what it does on macOS, normally read once from
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` at import) does, and is put back afterwards so a later
+    connection to a cluster from this process is unaffected. The learner ranks then rendezvous on
+    loopback too (learner/actor.py). tests/pipeline/test_local_binding.py checks that no process of
+    a local run listens elsewhere.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **init_kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
 class Driver:

@@ -9,6 +9,7 @@ initialisation is a collective). Every call that reaches the engine must go to a
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -22,11 +23,49 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from learner.config import LearnerConfig
 
 
-def _free_port() -> int:
-    """A TCP port free on this node now (bound to 0, then released for the rendezvous)."""
+def _free_port(host: str) -> int:
+    """A TCP port free on ``host`` now (bound to 0, then released for the rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a host name: a cluster's
+        return address == "localhost"
+
+
+def _init_loopback_process_group(
+    cfg: LearnerConfig, host: str, port: int, rank: int, world_size: int
+) -> None:
+    """torch.distributed on loopback only (local Ray), before the Learner would start it on every interface.
+
+    torch's ``TCPStore`` server listens on every interface unless it is handed a listening socket,
+    and gloo/NCCL pick their interface from the host name: rank 0 hands the store a socket bound to
+    ``host`` and the collectives are pinned to ``lo``. The Learner then finds the process group
+    initialised and leaves it as it is.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    from learner.engine import process_group_backend
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    listen_fd = None
+    if rank == 0:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        listen_fd = sock.detach()  # the store owns it from here
+    store = dist.TCPStore(
+        host, port, world_size, rank == 0, datetime.timedelta(seconds=600), master_listen_fd=listen_fd
+    )
+    dist.init_process_group(process_group_backend(cfg), store=store, rank=rank, world_size=world_size)
 
 
 class LearnerActor:
@@ -49,8 +88,13 @@ class LearnerActor:
         return os.getpid()
 
     def rendezvous_address(self) -> tuple[str, int]:
-        """``(node IP, free port)`` of this actor's node; asked of rank 0 only."""
-        return ray.util.get_node_ip_address(), _free_port()
+        """``(node IP, free port)`` of this actor's node; asked of rank 0 only.
+
+        On local Ray the node IP is 127.0.0.1 (driftrl.pipeline starts it on loopback), so the
+        rendezvous stays on loopback too; on a cluster it is the node's address the others reach.
+        """
+        host = ray.util.get_node_ip_address()
+        return host, _free_port(host)
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Set the torch.distributed env and build the learner (all ranks concurrently)."""
@@ -69,6 +113,8 @@ class LearnerActor:
         )
         if not gpu_ids:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if _is_loopback(master_addr):
+            _init_loopback_process_group(cfg, master_addr, master_port, rank, world_size)
         self.learner = Learner(cfg, model_path, rank, world_size, seed=seed, deepspeed_overrides=overrides)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:

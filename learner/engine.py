@@ -240,6 +240,11 @@ class LearnerState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def process_group_backend(cfg: LearnerConfig) -> str:
+    """The torch.distributed backend of the learner ranks: NCCL on GPUs, gloo on CPU."""
+    return "nccl" if torch.cuda.is_available() and cfg.num_gpus > 0 else "gloo"
+
+
 def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -399,9 +404,8 @@ class Learner:
         self.seed = seed
         self.state = LearnerState()
         self._set_seeds(seed + rank)
-        on_gpu = torch.cuda.is_available() and cfg.num_gpus > 0
         if not _is_distributed():
-            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+            deepspeed.init_distributed(dist_backend=process_group_backend(cfg))
         if dist.get_world_size() != world_size or dist.get_rank() != rank:
             raise ValueError(
                 f"torch.distributed is rank {dist.get_rank()} of {dist.get_world_size()}, "

@@ -388,8 +388,15 @@ def test_two_ranks_equal_one_rank(distributed_env, model_dir, zero_stage):
     single = build(model_dir, **cfg)
     m_single = single.train_step(table)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if zero_stage == 2:
+        # local Ray on loopback: the ranks meet through learner/actor.py's loopback process group
+        from driftrl.pipeline import start_local_ray
+
+        start_local_ray(2, log_to_driver=False)
+    else:  # Ray on the machine's address: DeepSpeed's env:// rendezvous
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
+        assert (ray.util.get_node_ip_address() == "127.0.0.1") == (zero_stage == 2)
         group = launch_learners(
             learner_config(data_parallel_size=2, num_cpus=1, zero_stage=zero_stage, **cfg),
             str(model_dir),
