@@ -30,8 +30,10 @@ SUBMIT = REPO / "deploy" / "ray-job-submit.sh"
 
 # The job: two learner steps of the tiny default on the test's head (2 CPUs: one for the rollout
 # actor, one for the learner), with a model and data made by the test at absolute paths (the
-# uploaded checkout excludes runs/). The override with a space checks quoting end to end.
-RUN_NAME = "submitted by test"
+# uploaded checkout excludes runs/). The run root has a space: it checks quoting end to end (a run
+# name is one folder name of letters, digits and ._-, so the space goes in the root).
+RUN_NAME = "submitted-by-test"
+RUNS_DIR = "runs by test"
 EXPECTED_IN_LOGS = "run directory:"
 JOB_TIMEOUT_S = 600
 
@@ -197,7 +199,7 @@ def test_submitted_job_runs_from_the_uploaded_checkout_and_succeeds(ray_head, ti
     root = tiny_job_inputs["root"]
     entrypoint = [
         "train", "--config", "configs/tiny-cpu.yaml", "--no-progress",
-        f"run.name={RUN_NAME}", f"run.root_dir={root / 'runs'}",
+        f"run.name={RUN_NAME}", f"run.root_dir={root / RUNS_DIR}",
         f"model.path={tiny_job_inputs['model']}", "model.tiny=false",
         f"task.train_path={root / 'train.parquet'}", f"task.eval_path={root / 'heldout.parquet'}",
         "learner.total_steps=2", "learner.checkpoint_interval=2", "metrics.port=0",
@@ -208,7 +210,7 @@ def test_submitted_job_runs_from_the_uploaded_checkout_and_succeeds(ray_head, ti
     assert job_id.startswith("driftrl-"), result.stdout
     assert EXPECTED_IN_LOGS in logs, result.stdout + result.stderr
     # The override with a space arrived as one word: quoting survives the script and Ray's shell.
-    run_dir = root / "runs" / RUN_NAME
+    run_dir = root / RUNS_DIR / RUN_NAME
     assert (run_dir / "final_model" / "config.json").is_file(), logs
     assert (run_dir / "checkpoints" / "step_2" / "driver.json").is_file()
     status = subprocess.run(
