@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.driftrl-setup
 PYTEST_BUDGET_S ?= 1800
 
-.PHONY: setup system-deps run test test-fast test-slow lint bench clean
+.PHONY: setup system-deps run test test-fast test-slow lint bench bench-quick clean
 
 # Idempotent: reinstalls only when pyproject.toml changed since the last successful setup.
 setup: $(STAMP) system-deps
@@ -42,7 +42,12 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# every benchmark's smoke run (what tests/benchmarks/test_quick_modes.py checks)
+bench-quick: setup
+	@for b in benchmarks/[!_]*.py; do echo "== $$b --quick"; $(BIN)/python $$b --quick || exit 1; done
+	@for b in benchmarks/[!_]*.sh; do [ -e "$$b" ] || continue; echo "== $$b --quick"; bash $$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

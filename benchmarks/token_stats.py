@@ -37,6 +37,9 @@ from learner.entropy import token_stats, token_stats_from_hidden  # noqa: E402
 
 MEMORY_GOAL = 1 / 8
 TIME_GOAL = 1.5
+# what a child process measures; --quick replaces the sizes
+CHILD_ARGS = ("device", "n", "d", "vocab", "chunk_size", "dtype", "repeats")
+QUICK_SHAPE = {"n": 256, "d": 32, "vocab": 2048, "chunk_size": 512, "repeats": 1}
 
 
 def _rss_bytes() -> int:
@@ -111,20 +114,29 @@ def main() -> None:
         action="store_true",
         help="run benchmarks/token_stats_gpu.py instead (torch, chunked, fused kernel, Liger, Cut CE on CUDA)",
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run of every path on small shapes ({QUICK_SHAPE}); the numbers mean nothing",
+    )
     args = parser.parse_args()
     if args.gpu_suite:
         from benchmarks.token_stats_gpu import main as gpu_main
 
-        gpu_main([])
+        gpu_main(["--quick"] if args.quick else [])
         return
+    if args.quick:
+        for key, value in QUICK_SHAPE.items():
+            setattr(args, key, value)
     if args.path is not None:
         print(json.dumps(child(args)))
         return
 
     results = {}
     for path in ("naive", "streamed"):
+        # the child gets the measurement's own arguments only (a store_true flag takes no value)
         cmd = [sys.executable, __file__, "--path", path] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "path"
+            f"--{k.replace('_', '-')}={getattr(args, k)}" for k in CHILD_ARGS
         ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[path] = json.loads(out.strip().splitlines()[-1])
@@ -151,6 +163,7 @@ def main() -> None:
                 "vocab": args.vocab,
                 "chunk_size": args.chunk_size,
                 "dtype": args.dtype,
+                "quick": args.quick,
                 "naive_peak_mib": round(results["naive"]["peak_extra_bytes"] / 2**20, 1),
                 "streamed_peak_mib": round(results["streamed"]["peak_extra_bytes"] / 2**20, 1),
                 "naive_time_s": round(results["naive"]["time_s"], 4),
