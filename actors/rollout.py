@@ -519,28 +519,24 @@ class RolloutWorker:
             self._back_off()
             return 0
         self._last_push_result = result
-        reasons: dict[str, list[str]] = {}  # group_id -> reasons of its rejected rows
-        if isinstance(result, PushResult) and result.rejected:
-            group_of = dict(
-                zip(table.column("traj_id").to_pylist(), table.column("group_id").to_pylist(), strict=True)
-            )
-            for traj_id, reason in result.rejected:
-                # "<unknown>" ids: the whole push was unreadable (a bug here), so every group shares the fate
-                for group_id in [group_of[traj_id]] if traj_id in group_of else set(group_of.values()):
-                    reasons.setdefault(group_id, []).append(reason)
+        rejected = result.rejected if isinstance(result, PushResult) else []
         group_ids = list(dict.fromkeys(table.column("group_id").to_pylist()))
+        group_of = dict(
+            zip(table.column("traj_id").to_pylist(), table.column("group_id").to_pylist(), strict=True)
+        )
+        reasons: dict[str, set[str]] = {}  # group_id -> reasons of its rejected rows
+        for traj_id, reason in rejected:
+            # "<unknown>" ids: the whole push was unreadable (a bug here), so every group shares the fate
+            for group_id in [group_of[traj_id]] if traj_id in group_of else group_ids:
+                reasons.setdefault(group_id, set()).add(reason)
         keep = [g for g in group_ids if BUFFER_FULL in reasons.get(g, ())]
-        stored = 0
-        for group_id in group_ids:
-            why = reasons.get(group_id)
-            if why is None:
-                stored += 1
-            elif all(r in (DUPLICATE_TRAJ_ID, DUPLICATE_GROUP_ID) for r in why):
-                stored += 1
-                self._counters["push_duplicate_groups"] += 1
-            elif BUFFER_FULL not in why:
-                for reason in why:
-                    self._push_rejected[reason] = self._push_rejected.get(reason, 0) + 1
+        duplicates = [g for g, why in reasons.items() if why <= {DUPLICATE_TRAJ_ID, DUPLICATE_GROUP_ID}]
+        stored = len(group_ids) - len(reasons) + len(duplicates)
+        self._counters["push_duplicate_groups"] += len(duplicates)
+        dropped = set(reasons) - set(keep) - set(duplicates)
+        for traj_id, reason in rejected:
+            if group_of.get(traj_id) in dropped or (traj_id not in group_of and dropped):
+                self._push_rejected[reason] = self._push_rejected.get(reason, 0) + 1
         self._accepted_groups += stored
         self._pending_push = []
         if keep:
