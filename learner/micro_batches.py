@@ -137,7 +137,3 @@ def pad_to_equal_counts(plan: RankPlan) -> RankPlan:
     empty = np.zeros(0, dtype=np.int64)
     return [micro + [empty] * (count - len(micro)) for micro in plan]
 
-
-def padded_tokens(lengths: np.ndarray, plan: RankPlan, packed: bool) -> int:
-    """Tokens the forward passes process over the whole plan (real + padding), for benchmarks."""
-    return sum(micro_batch_cost(lengths[rows], packed) for micro in plan for rows in micro)
