@@ -36,11 +36,17 @@ class LossConfig(StrictModel):
     clip_eps_high: float = Field(0.28, ge=0, description="PPO upper clip (clip-higher).")
     dual_clip_c: float | None = Field(None, gt=1, description="Dual-clip bound for A < 0, None = off.")
     truncate_is_c: float | None = Field(None, gt=0, description="Truncated importance weight min(r, C).")
-    aggregation: Literal["token_mean", "seq_mean_token_mean"] = Field("token_mean", description="Loss reduction.")
+    aggregation: Literal["token_mean", "seq_mean_token_mean"] = Field(
+        "token_mean", description="Loss reduction."
+    )
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (baseline).")
     cov_clip_frac: float = Field(2e-4, gt=0, le=1, description="Clip-Cov: fraction of tokens detached.")
-    cov_clip_low: float = Field(1.0, description="Clip-Cov: lower bound of the covariance band (paper ω_low).")
-    cov_clip_high: float = Field(5.0, description="Clip-Cov: upper bound of the covariance band (paper ω_high).")
+    cov_clip_low: float = Field(
+        1.0, description="Clip-Cov: lower bound of the covariance band (paper ω_low)."
+    )
+    cov_clip_high: float = Field(
+        5.0, description="Clip-Cov: upper bound of the covariance band (paper ω_high)."
+    )
     kl_cov_frac: float = Field(2e-3, gt=0, le=1, description="KL-Cov: fraction of tokens KL-penalised.")
     kl_cov_coef: float = Field(1.0, ge=0, description="KL-Cov penalty coefficient.")
 
@@ -60,7 +66,24 @@ class LearnerConfig(StrictModel):
     warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps.")
     total_steps: int = Field(100, ge=1, description="Optimizer steps of the run.")
     groups_per_step: int = Field(8, ge=1, description="Prompt groups in one optimisation batch.")
-    micro_batch_size: int = Field(16, ge=1, description="Responses per micro-batch on one rank.")
+    micro_batch_size: int = Field(
+        16,
+        ge=1,
+        description="Responses per micro-batch on one rank (unused with max_tokens_per_micro_batch).",
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Token budget of one micro-batch (real tokens when packed, rows x longest when padded); "
+        "rows are balanced across ranks by length; None = micro_batch_size rows per micro-batch.",
+    )
+    packing: bool = Field(
+        False,
+        description="Concatenate each micro-batch's sequences into one row (restarted positions, block mask).",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute decoder-layer activations in backward (long sequences, less memory)."
+    )
     max_staleness: int = Field(2, ge=0, description="Most policy versions a row may lag the learner.")
     sync_interval: int = Field(1, ge=1, description="Optimizer steps between weight publications.")
     checkpoint_interval: int = Field(10, ge=1, description="Optimizer steps between checkpoints (and acks).")
@@ -69,9 +92,10 @@ class LearnerConfig(StrictModel):
     data_parallel_size: int = Field(1, ge=1, description="Learner ranks (one Ray actor each).")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per learner rank in Ray.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per learner rank in Ray.")
-    stats_chunk_size: int = Field(4096, ge=1, description="Vocabulary chunk of the streamed token statistics.")
+    stats_chunk_size: int = Field(
+        4096, ge=1, description="Vocabulary chunk of the streamed token statistics."
+    )
     max_nan_steps: int = Field(5, ge=1, description="Consecutive non-finite steps before the run stops.")
     sample_timeout_s: float = Field(300.0, gt=0, description="Longest the learner waits for a batch.")
     clip: ClipConfig = ClipConfig()
     loss: LossConfig = LossConfig()
-

@@ -59,6 +59,8 @@ from learner.losses import (
     loss_denominator,
     policy_loss,
 )
+from learner.micro_batches import plan_micro_batches
+from learner.packing import PackedLayout, packed_attention_mask, packed_position_ids
 
 CHECKPOINT_STATE_FILE = "state.json"
 CHECKPOINT_ENGINE_TAG = "deepspeed"
@@ -150,6 +152,7 @@ class PolicyWithStats(nn.Module):
         select: Tensor,
         targets: Tensor,
         inv_temperature: Tensor,
+        sequence_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Statistics of the selected next-token predictions.
 
@@ -159,16 +162,25 @@ class PolicyWithStats(nn.Module):
                 response token (the position before it).
             targets: ``[N]`` the predicted tokens, ``N = select.sum()``, in row-major order.
             inv_temperature: ``[N]`` float32, ``1 / T`` of each token's row.
+            sequence_ids: ``[B, L]`` int64 for packed rows (:mod:`learner.packing`): the sequence of
+                each token; positions restart and attention stays inside each sequence.
 
         Returns:
             ``(logp, entropy, s_star, s_expect, nonfinite)``: four ``[N]`` float32 tensors and the
             0-d count of selected positions whose hidden state was not finite. Those rows are
             zeroed before the head so the statistics stay defined; the learner skips the step.
         """
-        # positions count real tokens only, correct for left and right padding alike
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        if sequence_ids is None:
+            # positions count real tokens only, correct for left and right padding alike
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            mask = attention_mask
+        else:
+            position_ids = packed_position_ids(sequence_ids)
+            mask = packed_attention_mask(
+                sequence_ids, self.model.config._attn_implementation, self.model.dtype
+            )
         hidden = self.model.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         hidden = hidden[select]
         finite = torch.isfinite(hidden).all(dim=-1)
@@ -187,6 +199,7 @@ class MicroBatch:
         targets: ``[N]`` response tokens; inv_temperature: ``[N]`` float32.
         behaviour_logprobs, advantages: ``[N]`` float32.
         seq_index: ``[N]`` int64, the response of each token, compacted to ``< N``.
+        sequence_ids: ``[1, T]`` int64 sequence of each token when the rows are packed, else None.
     """
 
     input_ids: Tensor
@@ -197,6 +210,7 @@ class MicroBatch:
     behaviour_logprobs: Tensor
     advantages: Tensor
     seq_index: Tensor
+    sequence_ids: Tensor | None = None
 
     @property
     def valid(self) -> Tensor:
@@ -413,6 +427,10 @@ class Learner:
             )
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         hf_model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
+        if cfg.gradient_checkpointing:
+            # transformers checkpoints only in training mode; the model has no dropout to switch on
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf_model.train()
         self.pad_id = hf_model.config.pad_token_id if hf_model.config.pad_token_id is not None else 0
         self.module = PolicyWithStats(hf_model, cfg.stats_chunk_size)
         self.engine, *_ = deepspeed.initialize(
@@ -488,24 +506,18 @@ class Learner:
             )
         return floats
 
-    def _rank_rows(self, batch: RolloutBatch) -> list[Tensor]:
-        """Row indices of every rank: contiguous slices of the groups (``group_index`` numbers them
-        in order of first appearance), so each rank holds whole groups."""
-        group_index = batch.group_index.numpy()
-        return [
-            torch.from_numpy(np.flatnonzero(np.isin(group_index, groups)))
-            for groups in np.array_split(np.arange(batch.n_groups), self.world_size)
-        ]
-
     def _micro_batches(self, batch: RolloutBatch, advantages: Tensor) -> list[MicroBatch]:
-        """This rank's micro-batches; every rank gets the same number (empty ones pad the short)."""
-        rank_rows = self._rank_rows(batch)
-        size = self.cfg.micro_batch_size
-        n_micro = max(1, max(math.ceil(len(r) / size) for r in rank_rows))
-        mine = rank_rows[self.rank]
-        return [
-            self._make_micro_batch(batch, advantages, mine[i * size : (i + 1) * size]) for i in range(n_micro)
-        ]
+        """This rank's micro-batches (:func:`learner.micro_batches.plan_micro_batches`); every rank
+        gets the same number, empty ones padding the short."""
+        plan = plan_micro_batches(
+            batch.group_index.numpy(),
+            (batch.prompt_lengths + batch.response_lengths).numpy(),
+            self.world_size,
+            self.cfg.micro_batch_size,
+            self.cfg.max_tokens_per_micro_batch,
+            packed=self.cfg.packing,
+        )
+        return [self._make_micro_batch(batch, advantages, torch.from_numpy(rows)) for rows in plan[self.rank]]
 
     def _make_micro_batch(self, batch: RolloutBatch, advantages: Tensor, rows: Tensor) -> MicroBatch:
         """Slice rows, trim the padded length, flatten the response tokens."""
@@ -526,10 +538,19 @@ class Learner:
             response_mask = batch.response_mask[rows, :length].bool()
             behaviour = batch.behaviour_logprobs[rows, :length]
             temperature, row_adv = batch.temperature[rows].float(), advantages[rows]
-        # the hidden state at position t - 1 predicts the token at t
+        row_of_position = torch.arange(input_ids.shape[0])[:, None].expand_as(response_mask)
+        sequence_ids = None
+        if self.cfg.packing:
+            layout = PackedLayout.from_attention_mask(attention_mask)
+            input_ids, response_mask, behaviour, row_of_position = (
+                layout.pack(t) for t in (input_ids, response_mask, behaviour, row_of_position)
+            )
+            attention_mask, sequence_ids = torch.ones_like(input_ids), layout.sequence_ids
+        # the hidden state at position t - 1 predicts the token at t (a packed row's next sequence
+        # starts with a prompt token, so no prediction crosses sequences)
         select = torch.zeros_like(response_mask)
         select[:, :-1] = response_mask[:, 1:]
-        row_of_token = torch.arange(input_ids.shape[0])[:, None].expand_as(response_mask)[response_mask]
+        row_of_token = row_of_position[response_mask]
         _, seq_index = torch.unique(row_of_token, return_inverse=True)
         dev = self.device
         return MicroBatch(
@@ -541,10 +562,18 @@ class Learner:
             behaviour_logprobs=behaviour[response_mask].float().to(dev),
             advantages=row_adv[row_of_token].float().to(dev),
             seq_index=seq_index.to(dev),
+            sequence_ids=None if sequence_ids is None else sequence_ids.to(dev),
         )
 
     def _forward(self, mb: MicroBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return self.engine(mb.input_ids, mb.attention_mask, mb.select, mb.targets, mb.inv_temperature)
+        return self.engine(
+            mb.input_ids,
+            mb.attention_mask,
+            mb.select,
+            mb.targets,
+            mb.inv_temperature,
+            sequence_ids=mb.sequence_ids,
+        )
 
     @torch.no_grad()
     def _statistics_pass(self, mb: MicroBatch) -> TokenPass:
@@ -876,7 +905,9 @@ class Learner:
         self.state.policy_version = version
         return result
 
-    def export_pretrained(self, directory: str | os.PathLike[str], tokenizer_source: str | None = None) -> Path | None:
+    def export_pretrained(
+        self, directory: str | os.PathLike[str], tokenizer_source: str | None = None
+    ) -> Path | None:
         """Write the current weights as a Hugging Face model directory (rank 0 writes; all ranks call).
 
         Args:
