@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from settings.base import StrictModel
 
@@ -31,7 +31,13 @@ class LossConfig(StrictModel):
     """Policy-gradient surrogate and its baselines (ALGORITHM.md §4)."""
 
     type: Literal["ppo", "clip_cov", "kl_cov"] = Field("ppo", description="Surrogate family.")
-    advantage_std_norm: bool = Field(True, description="GRPO: divide by the group reward std.")
+    advantage: Literal["grpo", "gae"] = Field(
+        "grpo",
+        description="Advantage estimator: group-relative (GRPO) or GAE from a value model (PPO; needs learner.critic).",
+    )
+    advantage_std_norm: bool = Field(
+        True, description="GRPO: divide by the group reward std (unused by gae)."
+    )
     clip_eps_low: float = Field(0.2, ge=0, lt=1, description="PPO lower clip: ratio >= 1 - eps_low.")
     clip_eps_high: float = Field(0.28, ge=0, description="PPO upper clip (clip-higher).")
     dual_clip_c: float | None = Field(None, gt=1, description="Dual-clip bound for A < 0, None = off.")
@@ -49,6 +55,32 @@ class LossConfig(StrictModel):
     )
     kl_cov_frac: float = Field(2e-3, gt=0, le=1, description="KL-Cov: fraction of tokens KL-penalised.")
     kl_cov_coef: float = Field(1.0, ge=0, description="KL-Cov penalty coefficient.")
+
+
+class CriticConfig(StrictModel):
+    """PPO's value model and GAE (``loss.advantage = "gae"``): its own DeepSpeed engine and optimizer."""
+
+    model_path: str | None = Field(
+        None,
+        description="Hugging Face directory of the value model's backbone; None = the policy's model.path.",
+    )
+    lr: float = Field(1e-5, gt=0, description="Critic AdamW learning rate (constant).")
+    weight_decay: float = Field(0.0, ge=0, description="Critic AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Critic gradient-norm clip.")
+    value_clip: float | None = Field(
+        0.2,
+        gt=0,
+        description="PPO value clipping: V within ±value_clip of the values the advantages used; None = off.",
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount γ over response tokens.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ (1 = Monte-Carlo returns, 0 = one-step TD).")
+    whiten_advantages: bool = Field(
+        True,
+        description="Whiten the advantages with the global batch mean and std (returns stay unwhitened).",
+    )
+    head_init_std: float = Field(
+        0.0, ge=0, description="Std of the scalar value head's normal init (0 = zero head: V starts at 0)."
+    )
 
 
 class LearnerConfig(StrictModel):
@@ -99,3 +131,16 @@ class LearnerConfig(StrictModel):
     sample_timeout_s: float = Field(300.0, gt=0, description="Longest the learner waits for a batch.")
     clip: ClipConfig = ClipConfig()
     loss: LossConfig = LossConfig()
+    critic: CriticConfig | None = Field(
+        None, description="Value model and GAE settings: required when loss.advantage=gae, refused otherwise."
+    )
+
+    @model_validator(mode="after")
+    def _critic_matches_advantage(self) -> LearnerConfig:
+        if self.loss.advantage == "gae" and self.critic is None:
+            raise ValueError("loss.advantage=gae needs learner.critic (the value model's settings)")
+        if self.loss.advantage != "gae" and self.critic is not None:
+            raise ValueError(
+                f"learner.critic is set but loss.advantage={self.loss.advantage}: only gae uses a value model"
+            )
+        return self

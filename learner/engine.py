@@ -49,7 +49,9 @@ from learner.clipping import (
     thresholds_from_moments,
 )
 from learner.config import LearnerConfig
+from learner.critic import CRITIC_METRIC_REDUCTIONS, Critic
 from learner.entropy import TokenStats, token_stats_from_hidden
+from learner.gae import advantage_moments, gae_advantages_flat, summarise_moments, whiten
 from learner.losses import (
     METRIC_REDUCTIONS,
     LossInputs,
@@ -199,6 +201,7 @@ class MicroBatch:
         targets: ``[N]`` response tokens; inv_temperature: ``[N]`` float32.
         behaviour_logprobs, advantages: ``[N]`` float32.
         seq_index: ``[N]`` int64, the response of each token, compacted to ``< N``.
+        rewards: ``[N]`` float32, each token's response reward (GAE puts it at the last token).
         sequence_ids: ``[1, T]`` int64 sequence of each token when the rows are packed, else None.
     """
 
@@ -210,6 +213,7 @@ class MicroBatch:
     behaviour_logprobs: Tensor
     advantages: Tensor
     seq_index: Tensor
+    rewards: Tensor
     sequence_ids: Tensor | None = None
 
     @property
@@ -241,6 +245,16 @@ class GlobalStats:
     train_tokens: Tensor
     nonfinite_tokens: Tensor
     skip: bool
+
+
+@dataclass
+class ValueTargets:
+    """What GAE hands the critic's update: per micro-batch ``[N]`` float32 each, and the metrics."""
+
+    old_values: list[Tensor]
+    returns: list[Tensor]
+    metrics: dict[str, Tensor]
+    nonfinite: Tensor
 
 
 @dataclass
@@ -440,6 +454,20 @@ class Learner:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, LinearWarmup(cfg.warmup_steps)),
         )
         self.device = self.engine.device
+        self.critic: Critic | None = None
+        if cfg.critic is not None:
+            critic_optim = {
+                "lr": cfg.critic.lr,
+                "weight_decay": cfg.critic.weight_decay,
+                "grad_clip": cfg.critic.grad_clip,
+            }
+            self.critic = Critic(
+                cfg.critic,
+                cfg.critic.model_path or model_path,
+                _deepspeed_config(cfg.model_copy(update=critic_optim), deepspeed_overrides),
+                dtype,
+                seed,
+            )
 
     @property
     def hf_model(self) -> nn.Module:
@@ -480,7 +508,11 @@ class Learner:
             batch.rewards, batch.group_index, std_norm=self.cfg.loss.advantage_std_norm
         )
         micro_batches = self._micro_batches(batch, advantages)
+        # PPO: GAE replaces the group-relative advantages before any pass reads them
+        targets = None if self.critic is None else self._gae_advantages(micro_batches)
         passes = [self._statistics_pass(mb) for mb in micro_batches]
+        if targets is not None:
+            passes[0].nonfinite = passes[0].nonfinite + targets.nonfinite
         agreed = self._agree(micro_batches, passes)
         loss_metrics: list[dict[str, Tensor]] = []
         if not agreed.skip:
@@ -491,12 +523,20 @@ class Learner:
         lr = float(self.engine.get_lr()[0])
         applied, grad_norm = self._optimizer_step(skip=agreed.skip)
         metrics = self._step_metrics(batch, micro_batches, passes, agreed, loss_metrics, zero_variance_frac)
+        critic_grad_norm = None
+        if targets is not None:
+            critic_metrics, critic_grad_norm = self._critic_update(micro_batches, targets, agreed)
+            metrics.update(critic_metrics)
         floats = self._reduce_metrics(metrics, agreed.thresholds)
         self._count_step(applied)
         seconds = time.perf_counter() - start
         floats.update(
             self._host_metrics(applied, grad_norm, lr, seconds, floats["driftrl_learner_train_tokens"])
         )
+        if targets is not None:
+            floats["driftrl_learner_value_grad_norm"] = (
+                math.nan if critic_grad_norm is None else critic_grad_norm
+            )
         if self.state.consecutive_skipped >= self.cfg.max_nan_steps:
             raise NonFiniteStepError(
                 f"{self.state.consecutive_skipped} consecutive learner steps had a non-finite forward pass or "
@@ -528,7 +568,7 @@ class Learner:
             input_ids, attention_mask = one, torch.ones_like(one)
             response_mask = torch.zeros_like(one, dtype=torch.bool)
             behaviour = torch.zeros((1, 1))
-            temperature, row_adv = torch.ones(1), torch.zeros(1)
+            temperature, row_adv, row_reward = torch.ones(1), torch.zeros(1), torch.zeros(1)
         else:
             attention_mask = batch.attention_mask[rows]
             used = attention_mask.bool().any(0).nonzero()
@@ -538,6 +578,7 @@ class Learner:
             response_mask = batch.response_mask[rows, :length].bool()
             behaviour = batch.behaviour_logprobs[rows, :length]
             temperature, row_adv = batch.temperature[rows].float(), advantages[rows]
+            row_reward = batch.rewards[rows].float()
         row_of_position = torch.arange(input_ids.shape[0])[:, None].expand_as(response_mask)
         sequence_ids = None
         if self.cfg.packing:
@@ -562,6 +603,7 @@ class Learner:
             behaviour_logprobs=behaviour[response_mask].float().to(dev),
             advantages=row_adv[row_of_token].float().to(dev),
             seq_index=seq_index.to(dev),
+            rewards=row_reward[row_of_token].float().to(dev),
             sequence_ids=None if sequence_ids is None else sequence_ids.to(dev),
         )
 
@@ -662,6 +704,65 @@ class Learner:
         # batch gradient; DeepSpeed averages them over the data-parallel group, hence × world size
         self.engine.backward(loss * self.world_size)
         return metrics
+
+    # ---- critic (loss.advantage = gae) --------------------------------------------------------
+
+    def _gae_advantages(self, mbs: list[MicroBatch]) -> ValueTargets:
+        """Critic values of the batch before any update, GAE per micro-batch, global whitening.
+
+        Sets ``mb.advantages`` in place; one SUM all-reduce of the advantage moments (every rank).
+        """
+        critic, ccfg = self.critic, self.cfg.critic
+        assert critic is not None and ccfg is not None
+        old_values, returns, moments, nonfinite = [], [], [], []
+        for mb in mbs:
+            values, bad = critic.values(mb.input_ids, mb.attention_mask, mb.select)
+            adv, ret = gae_advantages_flat(mb.rewards, values, mb.seq_index, ccfg.gamma, ccfg.lam)
+            mb.advantages = adv
+            old_values.append(values)
+            returns.append(ret)
+            moments.append(advantage_moments(adv, ret, values))
+            nonfinite.append(bad + (~torch.isfinite(values)).sum())
+        totals = torch.stack(moments).sum(0)
+        if _is_distributed():
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        summary = summarise_moments(totals)
+        if ccfg.whiten_advantages:
+            for mb in mbs:
+                mb.advantages = whiten(mb.advantages, summary)
+        metrics = {
+            "driftrl_learner_advantage_mean": summary.mean,
+            "driftrl_learner_advantage_std": summary.std,
+            "driftrl_learner_explained_variance": summary.explained_variance,
+        }
+        return ValueTargets(old_values, returns, metrics, torch.stack(nonfinite).sum())
+
+    def _critic_update(
+        self, mbs: list[MicroBatch], targets: ValueTargets, agreed: GlobalStats
+    ) -> tuple[dict[str, Tensor], float | None]:
+        """The critic's loss pass per micro-batch over the global token count, then its step;
+        skipped with the policy's step (same decision on every rank)."""
+        critic = self.critic
+        assert critic is not None
+        per_micro: list[dict[str, Tensor]] = []
+        if not agreed.skip:
+            per_micro = [
+                critic.loss_pass(
+                    mb.input_ids,
+                    mb.attention_mask,
+                    mb.select,
+                    old,
+                    ret,
+                    agreed.train_tokens.float(),
+                    self.world_size,
+                )
+                for mb, old, ret in zip(mbs, targets.old_values, targets.returns, strict=True)
+            ]
+        _, grad_norm = critic.step(skip=agreed.skip)
+        tokens = [mb.targets.new_tensor(mb.targets.numel(), dtype=torch.float32) for mb in mbs]
+        metrics = Critic.merge_micro_batch_metrics(per_micro, tokens)
+        metrics.update(targets.metrics)
+        return metrics, grad_norm
 
     def _optimizer_step(self, skip: bool) -> tuple[bool, float | None]:
         """``engine.step()`` unless the forward was non-finite.
@@ -786,7 +887,7 @@ class Learner:
         "sum" and token-weighted "mean" metrics share one SUM all-reduce, "max" metrics one MAX
         all-reduce. The clip thresholds are appended unreduced: they are each rank's own copy.
         """
-        reductions = {**METRIC_REDUCTIONS, **LEARNER_METRIC_REDUCTIONS}
+        reductions = {**METRIC_REDUCTIONS, **LEARNER_METRIC_REDUCTIONS, **CRITIC_METRIC_REDUCTIONS}
         names = sorted(metrics)
         how = {
             n: reductions.get(n, "max" if n.startswith("driftrl_learner_staleness_count") else "mean")
@@ -937,7 +1038,8 @@ class Learner:
     # ---- checkpoints --------------------------------------------------------------------------
 
     def save_checkpoint(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``directory/`` = DeepSpeed engine state (``deepspeed/``) + ``state.json``, atomically.
+        """Write ``directory/`` = DeepSpeed engine state (``deepspeed/``, the critic's in ``critic/``) +
+        ``state.json``, atomically.
 
         Everything is written under ``<directory>.tmp`` and renamed at the end, so a crash leaves
         either the previous checkpoint or none, never a partial one. All ranks call it and must
@@ -950,6 +1052,8 @@ class Learner:
             tmp.mkdir(parents=True)
         self._barrier()
         self.engine.save_checkpoint(str(tmp), tag=CHECKPOINT_ENGINE_TAG, save_latest=False)
+        if self.critic is not None:
+            self.critic.save(tmp)
         rng = [None] * self.world_size
         if _is_distributed():
             dist.all_gather_object(rng, _encode_rng_state())
@@ -963,6 +1067,7 @@ class Learner:
                 "consecutive_skipped": self.state.consecutive_skipped,
                 "world_size": self.world_size,
                 "zero_stage": self.cfg.zero_stage,
+                "critic": self.critic is not None,
                 "extra": self.state.extra,
                 "rng": rng,
             }
@@ -986,6 +1091,12 @@ class Learner:
             raise FileNotFoundError(f"{path} is not a learner checkpoint (no {CHECKPOINT_STATE_FILE})")
         saved = json.loads(state_file.read_text())
         # checked before DeepSpeed loads anything, so a bad state.json fails the resume at once
+        has_critic = bool(saved.get("critic", False))
+        if has_critic != (self.critic is not None):
+            raise ValueError(
+                f"{path}: the checkpoint {'has' if has_critic else 'has no'} critic but this learner "
+                f"runs loss.advantage={self.cfg.loss.advantage}; resume with the advantage it was trained with"
+            )
         rng = None
         if saved["world_size"] == self.world_size:
             rng = _decode_rng_state(saved["rng"][self.rank], f"{state_file} rng[{self.rank}]")
@@ -994,6 +1105,8 @@ class Learner:
         )
         if load_path is None:
             raise FileNotFoundError(f"{path / CHECKPOINT_ENGINE_TAG}: DeepSpeed found no checkpoint to load")
+        if self.critic is not None:
+            self.critic.load(path)
         self.state = LearnerState(
             step=saved["step"],
             policy_version=saved["policy_version"],
