@@ -124,6 +124,20 @@ class LearnerConfig(StrictModel):
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per learner rank in Ray.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per learner rank in Ray.")
     stats_chunk_size: int = Field(4096, ge=1, description="Vocabulary chunk of the streamed token statistics.")
+    realised_entropy_interval: int = Field(
+        10,
+        ge=0,
+        description=(
+            "Every K learner steps (step % K == 0; 0 = never) re-run a no-grad forward on the step's own "
+            "micro-batches right after the optimizer step (same tokens, same temperature): "
+            "realised_entropy_change = mean token entropy after - before, beside predicted_entropy_change = "
+            "eta_eff * predicted_entropy_change_per_unit_step, where the per-unit prediction is "
+            "-mean over kept tokens of r*A*Sc and eta_eff = |theta_after - theta_before| / |pre-clip gradient| "
+            "is the step taken (exact lr * clip factor for SGD; approximate for Adam, whose step is not "
+            "parallel to the gradient). Costs one forward and one copy of the trainable parameters "
+            "(ZeRO-3: of this rank's shard) on those steps; other steps report both as NaN."
+        ),
+    )
     max_nan_steps: int = Field(5, ge=1, description="Consecutive non-finite steps before the run stops.")
     sample_timeout_s: float = Field(300.0, gt=0, description="Longest the learner waits for a batch.")
     clip: ClipConfig = ClipConfig()
