@@ -68,13 +68,54 @@ LEARNER_EXPORTS: tuple[Export, ...] = (
     ),
     scalar(
         "driftrl_entropy_delta_predicted",
-        "First-order entropy change of the last step per unit step size, -sum(r*A*Sc)/|T| (ALGORITHM.md §2).",
+        "Predicted entropy change of the last measured step on its own tokens (nats): eta_eff times "
+        "-mean over kept tokens of r*A*Sc, eta_eff = |dtheta|/|grad| (approximate for Adam); present on "
+        "steps that measure it (learner.realised_entropy_interval).",
         "predicted_entropy_change",
     ),
     scalar(
+        "driftrl_entropy_delta_predicted_per_unit_step",
+        "First-order entropy change of the last step per unit step size, -sum(r*A*Sc)/|T| over kept tokens "
+        "(ALGORITHM.md §2).",
+        "predicted_entropy_change_per_unit_step",
+    ),
+    scalar(
+        "driftrl_entropy_delta_realised_batch",
+        "Realised entropy change of the last measured step on its own tokens (nats): batch mean token entropy "
+        "right after the optimizer step minus before, same tokens and temperature.",
+        "realised_entropy_change",
+    ),
+    scalar(
+        "driftrl_learner_entropy_step_scale",
+        "eta_eff = |theta_after - theta_before| / |pre-clip gradient| of the last measured step (exact for SGD, "
+        "approximate for Adam).",
+        "entropy_step_scale",
+    ),
+    scalar(
+        "driftrl_entropy_after_step",
+        "Mean token entropy of the last measured step's batch right after its optimizer step (nats).",
+        "entropy_mean_after_step",
+    ),
+    scalar(
+        "driftrl_learner_update_norm",
+        "|theta_after - theta_before| over every trainable parameter, last measured step.",
+        "update_norm",
+    ),
+    scalar(
+        "driftrl_learner_entropy_change_seconds",
+        "Wall time of the post-step entropy forward and update norm of the last measured step.",
+        "entropy_change_seconds",
+    ),
+    scalar(
         "driftrl_learner_cov_adv_weighted_s_centered",
-        "Batch covariance Cov(A, r*Sc); first order dH = -eta*Cov (ALGORITHM.md §2), so positive = entropy falling.",
+        "Global batch covariance Cov(A, r*Sc); first order dH = -eta*(Cov + mean term) (ALGORITHM.md §2), "
+        "so positive = entropy falling.",
         "cov_adv_weighted_s_centered",
+    ),
+    scalar(
+        "driftrl_learner_adv_weighted_s_centered_mean_term",
+        "mean(A)*mean(r*Sc) over the batch, the part of mean(A*r*Sc) that is not Cov(A, r*Sc).",
+        "adv_weighted_s_centered_mean_term",
     ),
     Export(
         "driftrl_learner_score",
@@ -204,7 +245,9 @@ PROBE_EXPORTS: tuple[Export, ...] = (
     scalar("driftrl_entropy_probe", "Mean token entropy on the fixed probe set (nats).", "entropy"),
     scalar(
         "driftrl_entropy_delta_realised",
-        "Realised entropy change on the probe set between the last two weight syncs (nats).",
+        "Drift gauge: entropy change on the fixed probe set between the last two weight syncs (nats); "
+        "other prompts than the trained batch, so not a test of the first-order law "
+        "(that is driftrl_entropy_delta_realised_batch).",
         "delta_realised",
     ),
 )

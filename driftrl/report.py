@@ -22,11 +22,11 @@ LEARNER_PREFIX = "driftrl_learner_"
 
 # columns the driver adds to the learner's: (name, meaning)
 DRIVER_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("probe_entropy", "mean token entropy on the fixed probe set, at steps where it was probed"),
-    ("realised_delta_entropy", "probe entropy change since the previous sync, at sync steps"),
+    ("probe_entropy", "drift gauge: mean token entropy on the fixed probe set, at steps where it was probed"),
+    ("realised_delta_entropy", "drift gauge: probe entropy change since the previous sync, at sync steps"),
     (
         "predicted_delta_entropy_since_sync",
-        "sum of predicted_entropy_change over the steps since the previous sync, at sync steps",
+        "sum of predicted_entropy_change over the measured steps since the previous sync, at sync steps",
     ),
     ("sync_seconds", "wall time of the weight sync started at this step"),
     ("buffer_rows_available", "replay buffer rows waiting to be trained on"),
@@ -58,12 +58,21 @@ PLOTS: tuple[Plot, ...] = (
         (("entropy_mean", "training batch"), ("probe_entropy", "probe set")),
     ),
     Plot(
+        "delta_entropy_same_batch.png",
+        "Entropy change of a step on its own tokens: predicted (first order) vs realised",
+        "ΔH (nats)",
+        (
+            ("predicted_entropy_change", "predicted: η_eff · (−mean r·A·Sc over kept tokens)"),
+            ("realised_entropy_change", "realised: batch entropy after − before the step"),
+        ),
+    ),
+    Plot(
         "delta_entropy.png",
-        "Entropy change per sync: realised (probe) vs predicted (first order)",
-        "realised ΔH (nats)",
-        (("realised_delta_entropy", "realised on the probe set"),),
-        "predicted ΔH per unit step size",
-        (("predicted_delta_entropy_since_sync", "predicted, summed since the previous sync"),),
+        "Drift gauge: probe-set entropy change per sync (other prompts: not a test of the law)",
+        "probe ΔH (nats)",
+        (("realised_delta_entropy", "probe set, since the previous sync"),),
+        "predicted ΔH (nats)",
+        (("predicted_delta_entropy_since_sync", "same-batch prediction, summed since the previous sync"),),
     ),
     Plot(
         "mask_fractions.png",
@@ -95,13 +104,16 @@ PLOTS: tuple[Plot, ...] = (
         (("buffer_rows_available", "available"), ("buffer_rows_leased", "leased")),
     ),
 )
-# (x column, y column) of the predicted-vs-realised scatter, one point per sync
+# (x column, y column) of the predicted-vs-realised scatters: same batch (one point per measured
+# step, the test of the first-order law) and the probe-set drift gauge (one point per sync)
+SAME_BATCH_PAIR = ("predicted_entropy_change", "realised_entropy_change")
 DELTA_ENTROPY_PAIR = ("predicted_delta_entropy_since_sync", "realised_delta_entropy")
 
 SUMMARY_KEYS: tuple[tuple[str, str], ...] = (
     ("reward_mean", "reward"),
     ("entropy_mean", "entropy"),
     ("probe_entropy", "probe entropy"),
+    ("realised_entropy_change", "realised ΔH"),
     ("cov_adv_weighted_s_centered", "Cov(A, r·Sc)"),
     ("clip_dropped_frac", "mask fraction"),
     ("staleness_mean", "staleness"),
@@ -162,23 +174,30 @@ def _series(rows: Sequence[Mapping[str, float]], column: str) -> tuple[list[floa
     return xs, ys
 
 
-def _delta_entropy_pairs(rows: Sequence[Mapping[str, float]]) -> list[tuple[float, float]]:
-    x_col, y_col = DELTA_ENTROPY_PAIR
+def _delta_entropy_pairs(
+    rows: Sequence[Mapping[str, float]], pair: tuple[str, str] = DELTA_ENTROPY_PAIR
+) -> list[tuple[float, float]]:
+    x_col, y_col = pair
     return [(row[x_col], row[y_col]) for row in rows if _finite(row.get(x_col)) and _finite(row.get(y_col))]
 
 
-def delta_entropy_agreement(rows: Sequence[Mapping[str, float]]) -> dict[str, float | int | None]:
-    """How the realised probe entropy change per sync follows the first-order prediction.
+def delta_entropy_agreement(
+    rows: Sequence[Mapping[str, float]], pair: tuple[str, str] = DELTA_ENTROPY_PAIR, count_key: str = "syncs"
+) -> dict[str, float | int | None]:
+    """How a realised entropy change follows the first-order prediction over the run.
 
-    Returns ``syncs`` (pairs with both values), ``pearson_r`` (None below 3 pairs or with a
-    constant side) and ``sign_agreement`` (fraction of pairs with equal signs; None without pairs).
-    The prediction is per unit step size, so only its sign and correlation are comparable.
+    ``pair`` = :data:`SAME_BATCH_PAIR` compares each measured step's prediction with the realised
+    change on the same tokens (the test of the law); the default, :data:`DELTA_ENTROPY_PAIR`, the
+    probe-set drift gauge per sync. Returns ``count_key`` (pairs with both values), ``pearson_r``
+    (None below 3 pairs or with a constant side) and ``sign_agreement`` (fraction of pairs with
+    equal signs; None without pairs). The step scale is approximate for Adam, so sign and
+    correlation are the comparable parts.
     """
-    pairs = _delta_entropy_pairs(rows)
+    pairs = _delta_entropy_pairs(rows, pair)
     n = len(pairs)
     signs = sum(math.copysign(1, x) == math.copysign(1, y) for x, y in pairs)
     out: dict[str, float | int | None] = {
-        "syncs": n,
+        count_key: n,
         "pearson_r": None,
         "sign_agreement": signs / n if n else None,
     }
@@ -219,18 +238,27 @@ def _draw(plt: ModuleType, plot: Plot, rows: Sequence[Mapping[str, float]], path
 
 
 def _draw_delta_entropy_scatter(
-    plt: ModuleType, rows: Sequence[Mapping[str, float]], agreement: Mapping[str, object], path: Path
+    plt: ModuleType,
+    rows: Sequence[Mapping[str, float]],
+    agreement: Mapping[str, object],
+    path: Path,
+    same_batch: bool = False,
 ) -> None:
-    pairs = _delta_entropy_pairs(rows)
+    pairs = _delta_entropy_pairs(rows, SAME_BATCH_PAIR if same_batch else DELTA_ENTROPY_PAIR)
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter([x for x, _ in pairs], [y for _, y in pairs], s=16)
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
     r = agreement["pearson_r"]
     shown_r = "n/a" if r is None else f"{r:.3f}"
-    ax.set_title(f"ΔH per sync: Pearson r = {shown_r} over {len(pairs)} syncs")
-    ax.set_xlabel("predicted (summed since previous sync, per unit step size)")
-    ax.set_ylabel("realised on the probe set (nats)")
+    if same_batch:
+        ax.set_title(f"ΔH on the step's own tokens: Pearson r = {shown_r} over {len(pairs)} steps")
+        ax.set_xlabel("predicted, η_eff · (−mean r·A·Sc) (nats)")
+        ax.set_ylabel("realised, entropy after − before (nats)")
+    else:
+        ax.set_title(f"Drift gauge, probe set: Pearson r = {shown_r} over {len(pairs)} syncs")
+        ax.set_xlabel("predicted, summed since previous sync (nats)")
+        ax.set_ylabel("realised on the probe set (nats)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -240,8 +268,9 @@ def _draw_delta_entropy_scatter(
 def write_report(run_dir: Path, extra: Mapping[str, object] | None = None) -> Path:
     """Write ``report/*.png`` and ``report/summary.{txt,json}``; returns the summary text path.
 
-    One PNG per :data:`PLOTS` entry the run has data for, plus ``delta_entropy_scatter.png``
-    (predicted vs realised ΔH, one point per sync) when any sync has both.
+    One PNG per :data:`PLOTS` entry the run has data for, plus ``delta_entropy_same_batch_scatter.png``
+    (predicted vs realised ΔH on the same tokens, one point per measured step) and
+    ``delta_entropy_scatter.png`` (the probe-set drift gauge, one point per sync) when they have data.
     """
     import matplotlib
 
@@ -254,6 +283,10 @@ def write_report(run_dir: Path, extra: Mapping[str, object] | None = None) -> Pa
     rows = pq.read_table(metrics_path).to_pylist() if metrics_path.exists() else []
     for plot in PLOTS:
         _draw(plt, plot, rows, report / plot.file_name)
+    same_batch = delta_entropy_agreement(rows, SAME_BATCH_PAIR, count_key="steps")
+    if same_batch["steps"]:
+        scatter = report / "delta_entropy_same_batch_scatter.png"
+        _draw_delta_entropy_scatter(plt, rows, same_batch, scatter, same_batch=True)
     agreement = delta_entropy_agreement(rows)
     if agreement["syncs"]:
         _draw_delta_entropy_scatter(plt, rows, agreement, report / "delta_entropy_scatter.png")
@@ -265,12 +298,19 @@ def write_report(run_dir: Path, extra: Mapping[str, object] | None = None) -> Pa
         if ys:
             summary[key] = {"first": ys[0], "last": ys[-1]}
             lines.append(f"  {label:<16} first {ys[0]:>10.4f}   last {ys[-1]:>10.4f}")
+    if same_batch["steps"]:
+        summary["same_batch_entropy_agreement"] = same_batch
+        r, signs = same_batch["pearson_r"], same_batch["sign_agreement"]
+        lines.append(
+            f"  {'ΔH same batch':<16} r {'n/a' if r is None else f'{r:.3f}'}, same sign {signs:.0%} "
+            f"over {same_batch['steps']} measured steps (predicted vs realised on the step's tokens)"
+        )
     if agreement["syncs"]:
         summary["delta_entropy_agreement"] = agreement
         r, signs = agreement["pearson_r"], agreement["sign_agreement"]
         lines.append(
-            f"  {'ΔH pred/real':<16} r {'n/a' if r is None else f'{r:.3f}'}, same sign {signs:.0%} "
-            f"over {agreement['syncs']} syncs"
+            f"  {'ΔH probe drift':<16} r {'n/a' if r is None else f'{r:.3f}'}, same sign {signs:.0%} "
+            f"over {agreement['syncs']} syncs (drift gauge: other prompts, not a test of the law)"
         )
     for key, value in (extra or {}).items():
         summary[key] = value

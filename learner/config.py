@@ -2,16 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from settings.base import StrictModel
 
+# the paper's masks as presets (ALGORITHM.md §3): ``released`` = the authors' released code (Trinity-RFT
+# examples/entropy), ``paper`` = the symmetric forms of the paper's prose, with the released μ (the
+# prose gives the form, the released code the values); neither uses r-weighting (driftrl's extension)
+CLIP_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "released": {
+        "clip_b": {"form": "negative_lower", "mu": 2.5, "max_frac": None, "importance_weighted": False},
+        "clip_v": {"form": "negative_lower", "mu": 8.5, "max_frac": 1e-4, "importance_weighted": False},
+    },
+    "paper": {
+        "clip_b": {"form": "symmetric", "mu": 2.5, "max_frac": None, "importance_weighted": False},
+        "clip_v": {"form": "symmetric", "mu": 8.5, "max_frac": None, "importance_weighted": False},
+    },
+}
+
 
 class ClipConfig(StrictModel):
-    """Entropy-dynamics token masks (ALGORITHM.md §3)."""
+    """Entropy-dynamics token masks (ALGORITHM.md §3).
 
+    ``preset: released`` or ``paper`` fills ``form``, ``mu``, ``max_frac`` and
+    ``importance_weighted`` from :data:`CLIP_PRESETS` for ``method`` (clip_b or clip_v); setting one
+    of those to another value as well is an error naming the preset, so a run that says it tests the
+    paper cannot silently run something else. ``custom`` takes every field as given.
+    """
+
+    preset: Literal["custom", "released", "paper"] = Field(
+        "custom",
+        description=(
+            "released = the authors' released code: ClipB negative_lower mu 2.5; ClipV negative_lower mu 8.5, "
+            "max_frac 1e-4; paper = the paper's symmetric forms (same mu, no cap); neither uses r-weighting "
+            "(our extension). They fill form/mu/max_frac/importance_weighted for method clip_b|clip_v; "
+            "custom = take those fields as given."
+        ),
+    )
     method: Literal["none", "clip_b", "clip_v", "directional"] = Field(
         "clip_v", description="Which S*-based statistic drops outlier tokens; 'none' = plain GRPO."
     )
@@ -23,8 +53,32 @@ class ClipConfig(StrictModel):
         None, gt=0, le=1, description="Cap on the fraction of tokens dropped (most negative first)."
     )
     importance_weighted: bool = Field(
-        True, description="ClipV off-policy: use r*(S*-E_p[S]) with the detached importance ratio r."
+        True,
+        description=(
+            "driftrl's extension, not the paper's: ClipV thresholds r*(S*-E_p[S]) with the detached "
+            "importance ratio r instead of the paper's S*-E_p[S]; off in the released/paper presets."
+        ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping) or data.get("preset", "custom") == "custom":
+            return data
+        preset, method = data["preset"], data.get("method", cls.model_fields["method"].default)
+        values = CLIP_PRESETS.get(preset, {}).get(method)
+        if values is None:
+            if method == "directional":
+                raise ValueError(f"preset {preset!r} is one of the paper's masks; method 'directional' needs preset custom")
+            # method none (nothing to fill) or a bad method/preset, which the field validation names
+            return data
+        for key, value in values.items():
+            if key in data and data[key] != value:
+                raise ValueError(
+                    f"{key}={data[key]!r} contradicts preset {preset!r} ({key}={value!r} for {method}); "
+                    "use preset custom to set it"
+                )
+        return {**data, **values}
 
 
 class LossConfig(StrictModel):
@@ -124,8 +178,20 @@ class LearnerConfig(StrictModel):
     data_parallel_size: int = Field(1, ge=1, description="Learner ranks (one Ray actor each).")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per learner rank in Ray.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per learner rank in Ray.")
-    stats_chunk_size: int = Field(
-        4096, ge=1, description="Vocabulary chunk of the streamed token statistics."
+    stats_chunk_size: int = Field(4096, ge=1, description="Vocabulary chunk of the streamed token statistics.")
+    realised_entropy_interval: int = Field(
+        10,
+        ge=0,
+        description=(
+            "Every K learner steps (step % K == 0; 0 = never) re-run a no-grad forward on the step's own "
+            "micro-batches right after the optimizer step (same tokens, same temperature): "
+            "realised_entropy_change = mean token entropy after - before, beside predicted_entropy_change = "
+            "eta_eff * predicted_entropy_change_per_unit_step, where the per-unit prediction is "
+            "-mean over kept tokens of r*A*Sc and eta_eff = |theta_after - theta_before| / |pre-clip gradient| "
+            "is the step taken (exact lr * clip factor for SGD; approximate for Adam, whose step is not "
+            "parallel to the gradient). Costs one forward and one copy of the trainable parameters "
+            "(ZeRO-3: of this rank's shard) on those steps; other steps report both as NaN."
+        ),
     )
     max_nan_steps: int = Field(5, ge=1, description="Consecutive non-finite steps before the run stops.")
     sample_timeout_s: float = Field(300.0, gt=0, description="Longest the learner waits for a batch.")

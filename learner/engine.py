@@ -50,7 +50,7 @@ from learner.clipping import (
 )
 from learner.config import LearnerConfig
 from learner.critic import CRITIC_METRIC_REDUCTIONS, Critic
-from learner.entropy import TokenStats, token_stats_from_hidden
+from learner.entropy import TokenStats, entropy_step_scale, token_stats_from_hidden
 from learner.gae import advantage_moments, gae_advantages_flat, summarise_moments, whiten
 from learner.losses import (
     METRIC_REDUCTIONS,
@@ -59,6 +59,7 @@ from learner.losses import (
     entropy_metrics,
     grpo_advantages,
     loss_denominator,
+    masked_mean,
     policy_loss,
 )
 from learner.micro_batches import plan_micro_batches
@@ -78,6 +79,14 @@ LEARNER_METRIC_REDUCTIONS: dict[str, Reduction] = {
     "driftrl_learner_response_length_mean": "max",
     "driftrl_learner_groups": "max",
     "driftrl_learner_responses": "max",
+    # same-batch entropy change (every realised_entropy_interval steps, NaN otherwise): the rank's
+    # token mean weighted by its tokens is the global mean; the rest is identical on every rank
+    "driftrl_learner_realised_entropy_change": "mean",
+    "driftrl_learner_entropy_mean_after_step": "mean",
+    "driftrl_learner_update_norm": "max",
+    "driftrl_learner_entropy_step_scale": "max",
+    "driftrl_learner_predicted_entropy_change": "max",
+    "driftrl_learner_entropy_change_seconds": "max",
 }
 
 
@@ -275,6 +284,13 @@ def process_group_backend(cfg: LearnerConfig) -> str:
 
 def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def _sum_over_ranks(x: Tensor) -> Tensor:
+    """SUM all-reduce of ``x`` in place over the learner ranks (identity without torch.distributed)."""
+    if _is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
 
 
 def _deepspeed_config(cfg: LearnerConfig, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -521,8 +537,19 @@ class Learner:
                 for mb, keep in zip(micro_batches, agreed.keep_masks, strict=True)
             ]
         lr = float(self.engine.get_lr()[0])
+        measure = self._measures_entropy_change(agreed.skip)
+        before = self._trainable_copy() if measure else None
         applied, grad_norm = self._optimizer_step(skip=agreed.skip)
         metrics = self._step_metrics(batch, micro_batches, passes, agreed, loss_metrics, zero_variance_frac)
+        metrics.update(
+            self._entropy_change_metrics(
+                micro_batches,
+                passes,
+                before if applied else None,
+                grad_norm,
+                metrics["driftrl_learner_predicted_entropy_change_per_unit_step"],
+            )
+        )
         critic_grad_norm = None
         if targets is not None:
             critic_metrics, critic_grad_norm = self._critic_update(micro_batches, targets, agreed)
@@ -798,6 +825,74 @@ class Learner:
         norm = self.engine.get_global_grad_norm()
         return True, None if norm is None else float(norm)
 
+    # ---- same-batch entropy change (ALGORITHM.md §5) --------------------------------------------
+
+    def _measures_entropy_change(self, skip: bool) -> bool:
+        """Whether this step measures the realised entropy change (same decision on every rank)."""
+        interval = self.cfg.realised_entropy_interval
+        return not skip and interval > 0 and self.state.step % interval == 0
+
+    def _trainable_tensors(self) -> list[Tensor]:
+        """This rank's storage of every trainable parameter: ZeRO-3 keeps only its shard
+        (``ds_tensor``), the other stages a full replica."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if self.cfg.zero_stage == 3:
+            return [p.ds_tensor for p in params]
+        return params
+
+    @torch.no_grad()
+    def _trainable_copy(self) -> list[Tensor]:
+        return [t.detach().clone() for t in self._trainable_tensors()]
+
+    @torch.no_grad()
+    def _entropy_change_metrics(
+        self,
+        mbs: list[MicroBatch],
+        passes: list[TokenPass],
+        before: list[Tensor] | None,
+        grad_norm: float | None,
+        predicted_per_unit_step: Tensor,
+    ) -> dict[str, Tensor]:
+        """Realised and predicted entropy change of this step on its own tokens (NaN when not measured).
+
+        ``before`` is the parameter copy taken before ``engine.step()`` (None: not measured, or the
+        step was not applied). The post-step forward is the statistics pass's forward (same
+        micro-batches, tokens and temperatures), so ``entropy after - entropy before`` differs only
+        by the update. ``η_eff`` is :func:`learner.entropy.entropy_step_scale` of the update norm
+        (ZeRO-3: shards summed over ranks) and the pre-clip gradient norm.
+        """
+        names = (
+            "realised_entropy_change",
+            "entropy_mean_after_step",
+            "update_norm",
+            "entropy_step_scale",
+            "predicted_entropy_change",
+            "entropy_change_seconds",
+        )
+        if before is None:
+            return {f"driftrl_learner_{n}": torch.tensor(math.nan, dtype=torch.float64) for n in names}
+        start = time.perf_counter()
+        entropy_after = torch.cat([self._forward(mb)[1] for mb in mbs])
+        entropy_before = torch.cat([p.entropy for p in passes])
+        valid = torch.cat([mb.valid for mb in mbs])
+        now = self._trainable_tensors()
+        squares = torch.stack(
+            [(t.detach().double() - old.double()).square().sum() for t, old in zip(now, before, strict=True)]
+        ).sum()
+        if self.cfg.zero_stage == 3:
+            squares = _sum_over_ranks(squares)
+        update_norm = squares.sqrt()
+        scale = entropy_step_scale(update_norm, math.nan if grad_norm is None else grad_norm)
+        values = (
+            masked_mean(entropy_after.double() - entropy_before.double(), valid),
+            masked_mean(entropy_after.double(), valid),
+            update_norm,
+            scale,
+            scale * predicted_per_unit_step.double(),
+            torch.tensor(time.perf_counter() - start, dtype=torch.float64),
+        )
+        return {f"driftrl_learner_{n}": v for n, v in zip(names, values, strict=True)}
+
     def _count_step(self, applied: bool) -> None:
         self.state.step += 1
         if applied:
@@ -828,7 +923,9 @@ class Learner:
         )
         ratio = torch.cat([p.ratio for p in passes])
         ratio = torch.where(torch.isfinite(ratio), ratio, 0.0)
-        metrics = entropy_metrics(stats, torch.cat([mb.advantages for mb in mbs]), valid, ratio, keep)
+        metrics = entropy_metrics(
+            stats, torch.cat([mb.advantages for mb in mbs]), valid, ratio, keep, sum_all_reduce=_sum_over_ranks
+        )
         metrics.update(self._merge_micro_batch_metrics(loss_metrics))
         metrics["driftrl_learner_grpo_zero_variance_frac"] = zero_variance_frac
         metrics["driftrl_learner_train_tokens"] = valid.sum().float()

@@ -17,10 +17,16 @@ Two entry points give the same numbers:
 * :func:`token_stats_from_hidden` from the final hidden states and the LM-head weight, streaming
   over vocabulary chunks with an online log-sum-exp, so no ``[N, V]`` float32 tensor exists in the
   forward or the backward pass. That is the learner's path.
+
+Batch statistics of these per-token values (ALGORITHM.md §3, §5) are over the whole optimisation
+batch ``T_B``, across data-parallel ranks: :func:`global_moments` gives exact global means,
+population standard deviations and covariances from two SUM all-reduces, and
+:func:`entropy_step_scale` the step size that turns the per-unit-step prediction into nats.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -320,3 +326,87 @@ def token_stats_from_hidden(
         }
     )
     return TokenStats(logp=logp, entropy=entropy, s_star=s_star, s_expect=s_expect)
+
+
+# sums a float64 vector over the data-parallel ranks (``dist.all_reduce(SUM)``); identity on one rank
+SumAllReduce = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class GlobalMoments:
+    """Moments over the valid tokens of every rank, float64 0-d tensors, identical on every rank.
+
+    Attributes:
+        count: ``|T_B|``, the valid tokens of all ranks.
+        mean: column name -> ``mean_t x_t``.
+        std: column name -> population ``σ(x) = sqrt(mean_t (x_t - mean x)²)`` (names asked for).
+        cov: ``(a, b)`` -> population ``Cov(a, b) = mean_t (a_t - mean a)(b_t - mean b)``.
+    """
+
+    count: Tensor
+    mean: dict[str, Tensor]
+    std: dict[str, Tensor]
+    cov: dict[tuple[str, str], Tensor]
+
+
+def global_moments(
+    columns: Mapping[str, Tensor],
+    valid: Tensor,
+    stds: Sequence[str] = (),
+    covariances: Sequence[tuple[str, str]] = (),
+    sum_all_reduce: SumAllReduce | None = None,
+) -> GlobalMoments:
+    """Exact global means, stds and covariances of per-token columns over all ranks' valid tokens.
+
+    Two passes, each one SUM all-reduce of a small float64 vector: ``(count, Σx)`` gives the global
+    means, then ``Σ(x - mean)²`` and ``Σ(a - mean a)(b - mean b)`` around those means give the
+    spreads. Averaging per-rank stds or covariances (even token-weighted) misses the spread of the
+    rank means and is exact only on one rank; centring on the global mean first also avoids the
+    cancellation of ``Σx²/n - mean²``. Every rank must call it with the same column names.
+
+    Args:
+        columns: name -> ``[N]`` float tensor of this rank's tokens (entries off ``valid`` ignored,
+            even non-finite ones).
+        valid: ``[N]`` bool, this rank's tokens of ``T_B`` (padding False).
+        stds: names whose population std is wanted.
+        covariances: ``(a, b)`` name pairs whose population covariance is wanted.
+        sum_all_reduce: sums a vector over the ranks; ``None`` = this rank holds the whole batch.
+
+    Returns:
+        :class:`GlobalMoments`; an empty batch gives zeros (means, stds and covariances).
+    """
+    reduce = sum_all_reduce if sum_all_reduce is not None else (lambda x: x)
+    names = list(columns)
+    x = {n: torch.where(valid, columns[n].detach().double(), 0.0) for n in names}
+    firsts = reduce(torch.stack([valid.sum().double(), *(x[n].sum() for n in names)]))
+    count = firsts[0]
+    mean = dict(zip(names, (firsts[1:] / count.clamp_min(1)).unbind(0), strict=True))
+    spread_names = {*stds, *(n for pair in covariances for n in pair)}
+    centred = {n: torch.where(valid, x[n] - mean[n], 0.0) for n in spread_names}
+    seconds = [(centred[n] * centred[n]).sum() for n in stds]
+    seconds += [(centred[a] * centred[b]).sum() for a, b in covariances]
+    if not seconds:
+        return GlobalMoments(count=count, mean=mean, std={}, cov={})
+    spread = (reduce(torch.stack(seconds)) / count.clamp_min(1)).unbind(0)
+    std = {n: v.clamp_min(0).sqrt() for n, v in zip(stds, spread[: len(stds)], strict=True)}
+    cov = dict(zip(covariances, spread[len(stds) :], strict=True))
+    return GlobalMoments(count=count, mean=mean, std=std, cov=cov)
+
+
+def entropy_step_scale(update_norm: Tensor | float, grad_norm: Tensor | float) -> Tensor:
+    """Step size ``η_eff = ‖Δθ‖ / ‖g‖`` of one optimizer step, float64 0-d (NaN when ``‖g‖ = 0``).
+
+    ALGORITHM.md §2's batch law ``ΔH ≈ -η mean_t(r_t A_t Sc_t)`` is stated for a gradient step
+    ``Δθ = -η g``; ``η_eff`` is the ``η`` of that law recovered from the step actually taken: the
+    norm of the parameter change over the norm of the (pre-clip) gradient of the loss. For SGD it is
+    exactly ``η`` times the gradient-clip factor ``min(1, c/‖g‖)``. For Adam(W) it is an
+    approximation: Adam's step is the gradient rescaled per coordinate (not parallel to ``g``), so
+    ``η_eff`` is the size of an SGD step of the same length, not the same direction.
+
+    Args:
+        update_norm: ``‖θ_after - θ_before‖₂`` over every trainable parameter of every rank.
+        grad_norm: ``‖g‖₂``, the global gradient norm before clipping.
+    """
+    update = torch.as_tensor(update_norm, dtype=torch.float64)
+    grad = torch.as_tensor(grad_norm, dtype=torch.float64)
+    return torch.where(grad > 0, update / grad, torch.nan)

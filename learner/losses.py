@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from learner.config import LossConfig
-from learner.entropy import TokenStats, raise_on_bad_values
+from learner.entropy import SumAllReduce, TokenStats, global_moments, raise_on_bad_values
 
 Reduction = Literal["mean", "max", "sum"]
 
@@ -40,20 +40,22 @@ METRIC_REDUCTIONS: dict[str, Reduction] = {
     "driftrl_learner_cov_selected_frac": "mean",
     "driftrl_learner_kl_cov_penalty": "mean",
     "driftrl_learner_grpo_zero_variance_frac": "mean",
-    "driftrl_learner_entropy_mean": "mean",
-    "driftrl_learner_clip_dropped_frac": "mean",
-    "driftrl_learner_clip_dropped_frac_pos_adv": "mean",
-    "driftrl_learner_clip_dropped_frac_neg_adv": "mean",
-    "driftrl_learner_s_star_mean": "mean",
-    "driftrl_learner_s_star_std": "mean",
-    "driftrl_learner_s_expect_mean": "mean",
-    "driftrl_learner_s_expect_std": "mean",
-    "driftrl_learner_s_centered_mean": "mean",
-    "driftrl_learner_s_centered_std": "mean",
-    "driftrl_learner_weighted_s_centered_mean": "mean",
-    "driftrl_learner_weighted_s_centered_std": "mean",
-    "driftrl_learner_cov_adv_weighted_s_centered": "mean",
-    "driftrl_learner_predicted_entropy_change": "mean",
+    # entropy_metrics reduces over the ranks itself (global moments): every rank holds the same value
+    "driftrl_learner_entropy_mean": "max",
+    "driftrl_learner_clip_dropped_frac": "max",
+    "driftrl_learner_clip_dropped_frac_pos_adv": "max",
+    "driftrl_learner_clip_dropped_frac_neg_adv": "max",
+    "driftrl_learner_s_star_mean": "max",
+    "driftrl_learner_s_star_std": "max",
+    "driftrl_learner_s_expect_mean": "max",
+    "driftrl_learner_s_expect_std": "max",
+    "driftrl_learner_s_centered_mean": "max",
+    "driftrl_learner_s_centered_std": "max",
+    "driftrl_learner_weighted_s_centered_mean": "max",
+    "driftrl_learner_weighted_s_centered_std": "max",
+    "driftrl_learner_cov_adv_weighted_s_centered": "max",
+    "driftrl_learner_adv_weighted_s_centered_mean_term": "max",
+    "driftrl_learner_predicted_entropy_change_per_unit_step": "max",
 }
 
 
@@ -362,50 +364,72 @@ def entropy_metrics(
     valid: Tensor,
     ratio: Tensor | None = None,
     keep_mask: Tensor | None = None,
+    sum_all_reduce: SumAllReduce | None = None,
 ) -> dict[str, Tensor]:
-    """Entropy-dynamics metrics of one step (ALGORITHM.md §3 and §5), 0-d detached tensors.
+    """Entropy-dynamics metrics of one step (ALGORITHM.md §3 and §5), 0-d detached float64 tensors.
 
-    Moments are over valid tokens (population std). ``predicted_entropy_change`` is
-    ``-Σ_t r_t A_t Sc_t / |T|`` over the tokens the clip mask keeps (those the loss trains on): the
-    first-order entropy change of one policy-gradient step per unit step size (ALGORITHM.md §2).
-    ``cov_adv_weighted_s_centered`` is ``Cov_t(A_t, r_t Sc_t)`` over all valid tokens, the pressure
-    before masking; by §2's formula a positive value means entropy falling (ALGORITHM.md's prose
-    calls the GRPO collapse sign negative; the implementation follows the formula).
+    Every value is global over the optimisation batch ``T_B``: with ``sum_all_reduce`` the ranks'
+    sums are combined by :func:`learner.entropy.global_moments` (two SUM all-reduces), so means,
+    population stds, the covariance and the fractions equal those of one rank holding all tokens,
+    and every rank returns the same numbers.
+
+    * ``predicted_entropy_change_per_unit_step`` = ``-Σ_t r_t A_t Sc_t / |T|`` over the tokens the
+      clip mask keeps (those the loss trains on): the first-order entropy change of one
+      policy-gradient step per unit step size (ALGORITHM.md §2); the learner scales it by the step
+      taken (:func:`learner.entropy.entropy_step_scale`).
+    * ``cov_adv_weighted_s_centered`` = ``Cov_t(A_t, r_t Sc_t)`` and ``adv_weighted_s_centered_mean_term``
+      = ``mean(A)·mean(r·Sc)`` over all valid tokens (the pressure before masking); their sum is
+      ``mean(A·r·Sc)``. By §2's formula a positive covariance means entropy falling (ALGORITHM.md's
+      prose calls the GRPO collapse sign negative; the implementation follows the formula).
 
     Args:
-        stats: token statistics of the batch (``[N]`` each).
+        stats: token statistics of this rank's tokens (``[N]`` each).
         advantages: ``[N]``; valid: ``[N]`` bool.
         ratio: ``[N]`` importance ratio (detached), ``None`` = 1.
         keep_mask: ``[N]`` bool entropy-clipping mask, ``None`` = nothing dropped.
+        sum_all_reduce: sums a vector over the data-parallel ranks; ``None`` = one rank.
     """
     advantages = torch.where(valid, advantages.detach().float(), 0.0)
     r = torch.ones_like(advantages) if ratio is None else torch.where(valid, ratio.detach().float(), 0.0)
     s_centered = torch.where(valid, stats.s_centered.detach(), 0.0)
     weighted = r * s_centered
-
-    def moments(name: str, x: Tensor) -> dict[str, Tensor]:
-        mean = masked_mean(x, valid)
-        return {
-            f"driftrl_learner_{name}_mean": mean,
-            f"driftrl_learner_{name}_std": masked_mean((x - mean) ** 2, valid).sqrt(),
-        }
-
     dropped = valid & ~keep_mask if keep_mask is not None else torch.zeros_like(valid)
-    adv_centred = advantages - masked_mean(advantages, valid)
-    return {
-        "driftrl_learner_entropy_mean": masked_mean(stats.entropy.detach(), valid),
-        "driftrl_learner_clip_dropped_frac": masked_mean(dropped.float(), valid),
-        "driftrl_learner_clip_dropped_frac_pos_adv": masked_mean(dropped.float(), valid & (advantages > 0)),
-        "driftrl_learner_clip_dropped_frac_neg_adv": masked_mean(dropped.float(), valid & (advantages < 0)),
-        **moments("s_star", torch.where(valid, stats.s_star.detach(), 0.0)),
-        **moments("s_expect", torch.where(valid, stats.s_expect.detach(), 0.0)),
-        **moments("s_centered", s_centered),
-        **moments("weighted_s_centered", weighted),
-        "driftrl_learner_cov_adv_weighted_s_centered": masked_mean(
-            adv_centred * (weighted - masked_mean(weighted, valid)), valid
-        ),
+    kept = valid & ~dropped
+    pos, neg = advantages > 0, advantages < 0
+    # fractions over a subset are ratios of two global means, so each is exact over T_B
+    columns = {
+        "entropy": stats.entropy,
+        "s_star": stats.s_star,
+        "s_expect": stats.s_expect,
+        "s_centered": s_centered,
+        "weighted_s_centered": weighted,
+        "advantage": advantages,
+        "dropped": dropped.float(),
+        "pos": pos.float(),
+        "neg": neg.float(),
+        "dropped_pos": (dropped & pos).float(),
+        "dropped_neg": (dropped & neg).float(),
+        "kept": kept.float(),
         # the step's own tokens: a dropped token leaves the loss, so it moves no logit
-        "driftrl_learner_predicted_entropy_change": -masked_mean(r * advantages * s_centered, valid & ~dropped),
+        "kept_entropy_drive": torch.where(kept, r * advantages * s_centered, 0.0),
+    }
+    scores = ("s_star", "s_expect", "s_centered", "weighted_s_centered")
+    pair = ("advantage", "weighted_s_centered")
+    m = global_moments(columns, valid, stds=scores, covariances=(pair,), sum_all_reduce=sum_all_reduce)
+
+    def share(part: str, whole: str) -> Tensor:
+        return torch.where(m.mean[whole] > 0, m.mean[part] / m.mean[whole], 0.0)
+
+    return {
+        "driftrl_learner_entropy_mean": m.mean["entropy"],
+        "driftrl_learner_clip_dropped_frac": m.mean["dropped"],
+        "driftrl_learner_clip_dropped_frac_pos_adv": share("dropped_pos", "pos"),
+        "driftrl_learner_clip_dropped_frac_neg_adv": share("dropped_neg", "neg"),
+        **{f"driftrl_learner_{n}_mean": m.mean[n] for n in scores},
+        **{f"driftrl_learner_{n}_std": m.std[n] for n in scores},
+        "driftrl_learner_cov_adv_weighted_s_centered": m.cov[pair],
+        "driftrl_learner_adv_weighted_s_centered_mean_term": m.mean["advantage"] * m.mean["weighted_s_centered"],
+        "driftrl_learner_predicted_entropy_change_per_unit_step": -share("kept_entropy_drive", "kept"),
     }
 
 

@@ -47,7 +47,7 @@ SERIES = (
     "probe_entropy",
     "reward_mean",
     "cov_adv_weighted_s_centered",
-    "predicted_entropy_change",
+    "predicted_entropy_change_per_unit_step",
     "clip_dropped_frac",
     "clip_dropped_frac_pos_adv",
     "clip_dropped_frac_neg_adv",
@@ -154,9 +154,9 @@ def summarise_run(rows: Sequence[Mapping[str, float]], window: int) -> dict[str,
         "cov_mean_first_half": statistics.fmean(cov[:half]) if half else math.nan,
         "cov_mean_second_half": statistics.fmean(cov[half:]),
         "cov_negative_frac": statistics.fmean(c < 0 for c in cov),
-        "predicted_entropy_change_mean": statistics.fmean(_finite(rows, "predicted_entropy_change")),
+        "predicted_entropy_change_mean": statistics.fmean(_finite(rows, "predicted_entropy_change_per_unit_step")),
         "cov_vs_predicted_r": _pearson(
-            _column(rows, "cov_adv_weighted_s_centered"), _column(rows, "predicted_entropy_change")
+            _column(rows, "cov_adv_weighted_s_centered"), _column(rows, "predicted_entropy_change_per_unit_step")
         ),
         "dropped_frac": statistics.fmean(_finite(rows, "clip_dropped_frac")),
         "dropped_frac_pos_adv": statistics.fmean(_finite(rows, "clip_dropped_frac_pos_adv")),
@@ -466,7 +466,7 @@ def plot(
         "cov.png",
         [
             ("cov_adv_weighted_s_centered", "Cov(A, r·Sc)"),
-            ("predicted_entropy_change", "predicted ΔH per unit step\n−mean(r·A·Sc)"),
+            ("predicted_entropy_change_per_unit_step", "predicted ΔH per unit step\n−mean(r·A·Sc)"),
         ],
         "batch covariance over training",
         zero_line=True,

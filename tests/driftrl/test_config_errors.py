@@ -56,7 +56,7 @@ def test_unknown_key_in_a_file_is_named_with_the_allowed_keys(tmp_path: Path) ->
         ("learner.lrr=1e-5", f"learner.lrr: unknown key; allowed: {LEARNER_KEYS}"),
         (
             "learner.clip.muu=2",
-            "learner.clip.muu: unknown key; allowed: form, importance_weighted, max_frac, method, mu",
+            "learner.clip.muu: unknown key; allowed: form, importance_weighted, max_frac, method, mu, preset",
         ),
         (
             "lerner.lr=1e-5",

@@ -28,6 +28,13 @@ P = "driftrl_learner_"
 LEARNER_SAMPLES: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {
     ("driftrl_entropy", ()): "entropy_mean",
     ("driftrl_entropy_delta_predicted", ()): "predicted_entropy_change",
+    ("driftrl_entropy_delta_predicted_per_unit_step", ()): "predicted_entropy_change_per_unit_step",
+    ("driftrl_entropy_delta_realised_batch", ()): "realised_entropy_change",
+    ("driftrl_entropy_after_step", ()): "entropy_mean_after_step",
+    ("driftrl_learner_entropy_step_scale", ()): "entropy_step_scale",
+    ("driftrl_learner_update_norm", ()): "update_norm",
+    ("driftrl_learner_entropy_change_seconds", ()): "entropy_change_seconds",
+    ("driftrl_learner_adv_weighted_s_centered_mean_term", ()): "adv_weighted_s_centered_mean_term",
     ("driftrl_learner_cov_adv_weighted_s_centered", ()): "cov_adv_weighted_s_centered",
     **{
         ("driftrl_learner_score", (("moment", moment), ("stat", stat))): f"{key}_{moment}"

@@ -11,6 +11,7 @@ import pytest
 from driftrl.report import (
     DRIVER_COLUMNS,
     PLOTS,
+    SAME_BATCH_PAIR,
     MetricsLog,
     delta_entropy_agreement,
     learner_row,
@@ -137,7 +138,29 @@ def test_report_from_a_driver_written_table(tmp_path):
     # is fixed by hand)
     assert len(syncs) == 5 and summary["delta_entropy_agreement"]["syncs"] == 4
     text = summary_txt.read_text()
-    assert "20 learner steps" in text and "probe entropy" in text and "ΔH pred/real" in text
+    assert "20 learner steps" in text and "probe entropy" in text and "ΔH probe drift" in text
+    # every step measured its same-batch change (the learner rows hold random values for both)
+    assert (report / "delta_entropy_same_batch_scatter.png").read_bytes().startswith(PNG_MAGIC)
+    assert summary["same_batch_entropy_agreement"]["steps"] == 20
+    assert "ΔH same batch" in text and "20 measured steps" in text
+
+
+def test_same_batch_agreement_by_hand():
+    # steps 1 and 3 are not measured (NaN, as the learner reports them between intervals)
+    nan = math.nan
+    rows = [
+        {"predicted_entropy_change": -1.0, "realised_entropy_change": -2.0},
+        {"predicted_entropy_change": nan, "realised_entropy_change": nan},
+        {"predicted_entropy_change": -2.0, "realised_entropy_change": -3.0},
+        {"predicted_entropy_change": nan, "realised_entropy_change": nan},
+        {"predicted_entropy_change": 1.0, "realised_entropy_change": -1.0},
+    ]
+    got = delta_entropy_agreement(rows, SAME_BATCH_PAIR, count_key="steps")
+    # x = [-1, -2, 1] (mean -2/3), y = [-2, -3, -1] (mean -2): sxy = (-1/3)(0) + (-4/3)(-1) + (5/3)(1) = 3,
+    # sxx = 1/9 + 16/9 + 25/9 = 42/9, syy = 0 + 1 + 1 = 2 -> r = 3 / sqrt(84/9) = 0.98198; signs 2 of 3
+    assert got["steps"] == 3
+    assert got["pearson_r"] == pytest.approx(3 / math.sqrt(84 / 9))
+    assert got["sign_agreement"] == pytest.approx(2 / 3)
 
 
 def test_report_skips_plots_without_data(tmp_path):

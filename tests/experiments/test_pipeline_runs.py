@@ -34,7 +34,7 @@ def _rows(offset: float = 0.0) -> list[dict[str, float]]:
             "realised_delta_entropy": predicted_since_sync[i] / 2,
             "predicted_delta_entropy_since_sync": predicted_since_sync[i],
             "cov_adv_weighted_s_centered": cov[i],
-            "predicted_entropy_change": -cov[i],
+            "predicted_entropy_change_per_unit_step": -cov[i],
             "clip_dropped_frac": 0.01 * i,
             "clip_dropped_frac_pos_adv": 0.0,
             "clip_dropped_frac_neg_adv": 0.02 * i,

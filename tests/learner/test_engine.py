@@ -154,7 +154,9 @@ def test_one_step_trains_and_reports(distributed_env, model_dir):
     assert metrics["driftrl_learner_grad_norm"] > 0
     for name in (
         "driftrl_learner_entropy_mean",
+        "driftrl_learner_predicted_entropy_change_per_unit_step",
         "driftrl_learner_predicted_entropy_change",
+        "driftrl_learner_realised_entropy_change",
         "driftrl_learner_cov_adv_weighted_s_centered",
         "driftrl_learner_s_star_mean",
         "driftrl_learner_s_expect_std",
@@ -167,6 +169,52 @@ def test_one_step_trains_and_reports(distributed_env, model_dir):
     ):
         assert math.isfinite(metrics[name]), name
     assert learner.probe_entropy(probe) != entropy_before
+
+
+def mean_entropy_float64(model_dir: Path, weights: dict[str, torch.Tensor], table: pa.Table) -> float:
+    """Token mean over every response token of the table of H(softmax(z / T)), all in float64."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
+    model.load_state_dict({k: v.double() for k, v in weights.items()})
+    total, count = 0.0, 0
+    for row in table.to_pylist():
+        prompt, response = row["prompt_ids"], row["response_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
+        log_p = torch.log_softmax(logits / row["temperature"], -1)
+        total += float(-(log_p.exp() * log_p).sum(-1).sum())
+        count += len(response)
+    return total / count
+
+
+def test_same_batch_realised_entropy_change_equals_a_float64_recomputation(distributed_env, model_dir):
+    learner = build(model_dir, realised_entropy_interval=2, clip=ClipConfig(method="clip_v", mu=1.0))
+    table = make_table(model_dir, seed=6, temperature=0.7)
+    before = params(learner)
+    m = learner.train_step(table)
+    after = params(learner)
+
+    h_before = mean_entropy_float64(model_dir, before, table)
+    h_after = mean_entropy_float64(model_dir, after, table)
+    # float32 forward vs float64: ~1e-7 relative per token
+    assert m["driftrl_learner_entropy_mean"] == pytest.approx(h_before, rel=1e-5)
+    assert m["driftrl_learner_entropy_mean_after_step"] == pytest.approx(h_after, rel=1e-5)
+    assert abs(h_after - h_before) > 1e-3  # lr 1e-3 moves it: the comparison below can fail
+    assert m["driftrl_learner_realised_entropy_change"] == pytest.approx(h_after - h_before, rel=1e-3, abs=1e-6)
+    # η_eff = ‖Δθ‖ / ‖g‖ with ‖Δθ‖ over every parameter in float64
+    update = math.sqrt(sum(float((after[k].double() - before[k].double()).square().sum()) for k in after))
+    assert m["driftrl_learner_update_norm"] == pytest.approx(update, rel=1e-6)
+    scale = update / m["driftrl_learner_grad_norm"]
+    assert m["driftrl_learner_entropy_step_scale"] == pytest.approx(scale, rel=1e-6)
+    assert m["driftrl_learner_predicted_entropy_change"] == pytest.approx(
+        scale * m["driftrl_learner_predicted_entropy_change_per_unit_step"], rel=1e-6
+    )
+    # step 1 is not a multiple of realised_entropy_interval = 2: nothing measured, NaN throughout
+    second = learner.train_step(make_table(model_dir, seed=7))
+    for name in ("realised_entropy_change", "entropy_mean_after_step", "predicted_entropy_change"):
+        assert math.isnan(second[f"driftrl_learner_{name}"]), name
+    assert math.isfinite(second["driftrl_learner_predicted_entropy_change_per_unit_step"])
 
 
 def test_staleness_counts(distributed_env, model_dir):

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from learner.config import LossConfig
 from learner.entropy import TokenStats, token_stats
@@ -310,10 +314,13 @@ def test_entropy_metrics_by_hand():
     m = entropy_metrics(stats, t(1, 1, -1, 9), valid, ratio=t(1, 2, 1, 1), keep_mask=keep)
     floats = metrics_to_floats(m)
     assert set(floats) <= set(METRIC_REDUCTIONS)
-    assert floats["driftrl_learner_predicted_entropy_change"] == pytest.approx(2.0)
+    assert floats["driftrl_learner_predicted_entropy_change_per_unit_step"] == pytest.approx(2.0)
     unmasked = metrics_to_floats(entropy_metrics(stats, t(1, 1, -1, 9), valid, ratio=t(1, 2, 1, 1)))
-    assert unmasked["driftrl_learner_predicted_entropy_change"] == pytest.approx(1.0)  # -(1-2-2)/3
+    assert unmasked["driftrl_learner_predicted_entropy_change_per_unit_step"] == pytest.approx(1.0)  # -(1-2-2)/3
     assert floats["driftrl_learner_cov_adv_weighted_s_centered"] == pytest.approx(-30 / 27)
+    # mean term mean(A)·mean(r·Sc) = (1/3)(1/3); Cov + mean term = mean(A·r·Sc) = -1 = -(unmasked prediction)
+    assert floats["driftrl_learner_adv_weighted_s_centered_mean_term"] == pytest.approx(1 / 9)
+    assert -30 / 27 + 1 / 9 == pytest.approx(-1.0)
     assert floats["driftrl_learner_entropy_mean"] == pytest.approx(2.0)  # padding's 100 ignored
     # dropped: token 0 of 3 valid; of A>0 tokens {0, 1}: 1/2; of A<0 tokens {2}: 0
     assert floats["driftrl_learner_clip_dropped_frac"] == pytest.approx(1 / 3)
@@ -325,3 +332,86 @@ def test_entropy_metrics_by_hand():
 
 def test_masked_mean_of_nothing_is_zero():
     assert float(masked_mean(t(float("nan"), 1.0), torch.tensor([False, False]))) == 0.0
+
+
+def _score_batch(n: int, seed: int) -> tuple[TokenStats, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random token statistics; the second half is shifted so the ranks' means differ (a per-rank
+    average of stds then misses the spread between them)."""
+    gen = torch.Generator().manual_seed(seed)
+    shift = torch.where(torch.arange(n) >= n // 2, 3.0, 0.0)
+    stats = TokenStats(
+        logp=torch.zeros(n),
+        entropy=torch.rand(n, generator=gen) + shift,
+        s_star=torch.randn(n, generator=gen) ** 3 + shift,
+        s_expect=torch.rand(n, generator=gen) * 0.3,
+    )
+    advantages = torch.randn(n, generator=gen) + shift
+    valid = torch.rand(n, generator=gen) > 0.2
+    ratio = torch.exp(torch.randn(n, generator=gen) * 0.2)
+    keep = torch.rand(n, generator=gen) > 0.1
+    return stats, advantages, valid, ratio, keep
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def _metrics_rank_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        stats, advantages, valid, ratio, keep = _score_batch(600, seed=3)
+        shard = slice(0, 250) if rank == 0 else slice(250, 600)
+        part = TokenStats(*(getattr(stats, f)[shard] for f in ("logp", "entropy", "s_star", "s_expect")))
+        metrics = entropy_metrics(
+            part, advantages[shard], valid[shard], ratio[shard], keep[shard], sum_all_reduce=_sum_over_ranks
+        )
+        torch.save({k: v.double() for k, v in metrics.items()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_data_parallel_ranks_give_the_global_std_and_covariance(tmp_path):
+    """Two gloo ranks holding 250 and 350 tokens report what one rank holding all 600 reports,
+    and both equal a float64 reference written from the definitions."""
+    out = str(tmp_path / "metrics")
+    mp.spawn(_metrics_rank_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    stats, advantages, valid, ratio, keep = _score_batch(600, seed=3)
+    one_rank = entropy_metrics(stats, advantages, valid, ratio, keep)
+    for name, value in one_rank.items():
+        for rank in ranks:
+            torch.testing.assert_close(rank[name], value.double(), msg=name)
+    # float64 reference over the valid tokens of the whole batch
+    a = advantages[valid].double()
+    w = (ratio * (stats.s_star - stats.s_expect))[valid].double()
+    kept = keep[valid]
+    reference = {
+        "s_star_std": stats.s_star[valid].double().std(correction=0),
+        "weighted_s_centered_std": w.std(correction=0),
+        "cov_adv_weighted_s_centered": ((a - a.mean()) * (w - w.mean())).mean(),
+        "adv_weighted_s_centered_mean_term": a.mean() * w.mean(),
+        "predicted_entropy_change_per_unit_step": -(a * w)[kept].mean(),
+        "clip_dropped_frac_pos_adv": (~kept)[a > 0].double().mean(),
+    }
+    for name, value in reference.items():
+        torch.testing.assert_close(ranks[0][f"driftrl_learner_{name}"], value, msg=name)
+    # what the learner reported before: per-rank values averaged with token weights
+    counts = [int(valid[:250].sum()), int(valid[250:].sum())]
+    local = [
+        entropy_metrics(
+            TokenStats(*(getattr(stats, f)[s] for f in ("logp", "entropy", "s_star", "s_expect"))),
+            advantages[s], valid[s], ratio[s], keep[s],
+        )
+        for s in (slice(0, 250), slice(250, 600))
+    ]
+    for name in ("s_star_std", "cov_adv_weighted_s_centered"):
+        averaged = sum(c * float(m[f"driftrl_learner_{name}"]) for c, m in zip(counts, local, strict=True)) / sum(counts)
+        assert abs(averaged - float(reference[name])) > 0.05, name
