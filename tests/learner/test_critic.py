@@ -14,12 +14,7 @@ from pydantic import ValidationError
 
 from learner.config import CriticConfig, LearnerConfig, LossConfig
 from learner.critic import value_loss
-from tests.learner import test_engine
 from tests.learner.test_engine import build, learner_config, make_table, max_abs_diff, params
-
-# the engine tests' module fixtures: a single-rank gloo group and the tiny model
-distributed_env = test_engine.distributed_env
-model_dir = test_engine.model_dir
 
 GAE = {"loss": LossConfig(advantage="gae")}
 
