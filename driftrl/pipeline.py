@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from driftrl.checkpoints import CheckpointWriter, ResumePoint
 from driftrl.config import ConfigError, DriftConfig, load_config
 from driftrl.run_dir import RunDir, RunLocks, create_run_dir, in_use, open_run_dir, write_atomic
 
 log = logging.getLogger("driftrl.pipeline")
 
-DRIVER_STATE_FILE = "driver.json"
 KEEP_CHECKPOINTS = 2
 # how long one generate_step call waits for a finished group: also the longest a weight update
 # queues behind it on the actor
@@ -66,6 +66,7 @@ class TrainResult:
     rows_acked_by_driver: int = 0
     rollout_restarts: int = 0
     sync_failures: int = 0
+    resumed_from: str | None = None  # which checkpoint a resume started from (ResumePoint.describe)
 
 
 @dataclass
@@ -158,16 +159,19 @@ class Driver:
         self,
         cfg: DriftConfig,
         run: RunDir,
-        resume_step: int | None = None,
+        resume: bool = False,
         progress: bool = True,
         on_step: Callable[[Driver, dict[str, float]], None] | None = None,
+        checkpoint_hook: Callable[[str, int], None] | None = None,
     ) -> None:
         from driftrl.metrics import RunTelemetry
         from driftrl.report import MetricsLog
 
         self.cfg = cfg
         self.run = run
-        self.resume_step = resume_step
+        self.resume = resume
+        self.checkpoint_hook = checkpoint_hook
+        self.resumed_from: ResumePoint | None = None
         self.progress = progress
         self.on_step = on_step
         self.sync_mode = cfg.run.mode == "sync"
@@ -190,7 +194,7 @@ class Driver:
         self.unavailable_since: dict[int, float] = {}
         self.retry_at: dict[int, float] = {}
         self.sync_failures = 0
-        self.unacked: list[Any] = []  # pyarrow arrays of traj ids leased since the last checkpoint
+        self.unacked: dict[int, list[str]] = {}  # step -> traj ids trained since the last checkpoint
         self.predicted_since_sync = 0.0
         self.last_sync_seconds = math.nan  # the latest finished sync, publish to every actor loaded
         self.last_train_done: float | None = None
@@ -244,10 +248,16 @@ class Driver:
         self.learners = launch_learners(cfg.learner, cfg.model.path, seed=cfg.run.seed)
         self.probe_ids, self.probe_mask = _probe_batch(cfg)
 
-        if self.resume_step is not None:
-            checkpoint = self.run.checkpoint(self.resume_step)
-            call_all(self.learners, "load_checkpoint", str(checkpoint))
-            driver_state = json.loads((checkpoint / DRIVER_STATE_FILE).read_text())
+        if self.resume:
+            point = self._checkpoints().resume_point()
+            if point is None:
+                raise ConfigError(
+                    f"{self.run.root} holds no complete checkpoint to resume from; start a new run instead"
+                )
+            self.resumed_from = point
+            log.info(point.describe())
+            call_all(self.learners, "load_checkpoint", str(point.path))
+            driver_state = point.driver_state
             self.step = driver_state["step"]
             self.version = driver_state["policy_version"]
             self.consumed_groups = driver_state["consumed_groups"]
@@ -419,8 +429,8 @@ class Driver:
                         metrics = self._learner_get(train_refs)[0]
                         train_refs = None
                         self.last_train_done = time.monotonic()
-                        self.unacked.append(train_ids)
                         self.step += 1
+                        self.unacked[self.step] = train_ids.to_pylist()
                         row = self._after_step(metrics)
                         if self.step % cfg.learner.sync_interval == 0 or self.step == total:
                             finish_probe(wait=True)  # keeps realised ΔH between consecutive syncs
@@ -628,52 +638,41 @@ class Driver:
         # its next calls fail while Ray restarts it: that is this restart, not another death
         self.unavailable_since[index] = time.monotonic()
 
-    def _checkpoint(self) -> None:
-        import pyarrow as pa
+    def _checkpoints(self) -> CheckpointWriter:
         import ray
 
         from learner.actor import call_all
 
+        return CheckpointWriter(
+            self.run,
+            save_learner=lambda path: call_all(self.learners, "save_checkpoint", str(path)),
+            ack=lambda ids: ray.get(self.buffer.ack.remote(ids)),
+            keep=KEEP_CHECKPOINTS,
+            hook=self.checkpoint_hook,
+        )
+
+    def _checkpoint(self) -> None:
+        """Checkpoint this step; rows trained since the last one are acked only once it holds their effect."""
         started = time.monotonic()
-        path = self.run.checkpoint(self.step)
-        call_all(self.learners, "save_checkpoint", str(path))
-        saved = time.monotonic()
+        # the metrics rows first: a checkpoint that has driver state has its steps' rows
+        self.metrics_log.flush()
+        acking = sum(len(ids) for ids in self.unacked.values())
         state = {
             "step": self.step,
             "policy_version": self.version,
             "consumed_groups": self.consumed_groups,
-            "rows_acked": self.rows_acked,
+            "rows_acked": self.rows_acked + acking,
             "wall_seconds": self.wall_offset + time.monotonic() - self.t0,
             "probe_entropy": self.last_probe,
         }
-        # rows leased since the last checkpoint are acked only once the checkpoint holds their effect
-        if self.unacked:
-            ids = pa.concat_arrays(self.unacked)
-            result = ray.get(self.buffer.ack.remote(ids))
-            self.rows_acked += len(ids)
-            self.unacked = []
-            log.debug("acked %d rows: %s", len(ids), result)
-        state["rows_acked"] = self.rows_acked
-        write_atomic(path / DRIVER_STATE_FILE, json.dumps(state, indent=1) + "\n")
-        self.metrics_log.flush()
-        self._prune_checkpoints()
+        self.rows_acked += self._checkpoints().write(self.step, state, self.unacked)
+        self.unacked = {}
         log.info(
-            "checkpoint step %d: learner save %.1f s, ack + driver state %.1f s",
+            "checkpoint step %d committed (%d rows acked) in %.1f s",
             self.step,
-            saved - started,
-            time.monotonic() - saved,
+            acking,
+            time.monotonic() - started,
         )
-
-    def _prune_checkpoints(self) -> None:
-        import shutil
-
-        steps = sorted(
-            int(p.name.split("_")[1])
-            for p in self.run.checkpoints.glob("step_*")
-            if p.name.split("_")[1].isdigit() and (p / DRIVER_STATE_FILE).is_file()
-        )
-        for step in steps[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(self.run.checkpoint(step), ignore_errors=True)
 
     # ---- progress -----------------------------------------------------------------------------
 
@@ -734,6 +733,7 @@ class Driver:
             rows_acked_by_driver=self.rows_acked,
             rollout_restarts=self.rollout_restarts,
             sync_failures=self.sync_failures,
+            resumed_from=self.resumed_from.describe() if self.resumed_from else None,
         )
 
     def close(self) -> None:
@@ -758,6 +758,7 @@ def train(
     resume: str | Path | None = None,
     progress: bool = True,
     on_step: Callable[[Driver, dict[str, float]], None] | None = None,
+    checkpoint_hook: Callable[[str, int], None] | None = None,
 ) -> TrainResult:
     """Run (or resume) one training run; returns where its results are.
 
@@ -767,6 +768,8 @@ def train(
         progress: draw the progress bar.
         on_step: called after every learner step with the driver and the step's metrics row
             (tests use it to inject faults).
+        checkpoint_hook: called with ``(point, step)`` at each point of the checkpoint protocol
+            (driftrl/checkpoints.py; tests crash there).
 
     Raises:
         RunDirInUseError: another run holds the run directory (or the buffer): nothing was touched.
@@ -775,17 +778,19 @@ def train(
     with RunLocks(root, cfg.buffer.uri):
         if resume is not None:
             run = RunDir(root)
-            latest = run.latest_checkpoint()
-            if latest is None:
-                raise ConfigError(
-                    f"{run.root} holds no complete checkpoint to resume from; start a new run instead"
-                )
-            resume_step: int | None = latest[0]
+            if run.latest_checkpoint() is None:
+                raise ConfigError(f"{run.root} holds no checkpoint to resume from; start a new run instead")
         else:
             run = create_run_dir(cfg)
-            resume_step = None
         _log_to(run)
-        driver = Driver(cfg, run, resume_step=resume_step, progress=progress, on_step=on_step)
+        driver = Driver(
+            cfg,
+            run,
+            resume=resume is not None,
+            progress=progress,
+            on_step=on_step,
+            checkpoint_hook=checkpoint_hook,
+        )
         try:
             driver.start()
             driver.loop()
@@ -815,6 +820,8 @@ def _config_for(args: argparse.Namespace) -> tuple[DriftConfig, str | None]:
 
 
 def _print_result(result: TrainResult) -> None:
+    if result.resumed_from:
+        print(result.resumed_from)
     print(result.summary_path.read_text(), end="")
     print(f"run directory: {result.run_dir}   final model: {result.final_model}   ({result.seconds:.0f} s)")
 
