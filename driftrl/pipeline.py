@@ -208,7 +208,6 @@ class Driver:
     # ---- setup --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        import ray
 
         from actors.admission import AdmissionRule
         from actors.prompts import PromptSpec, load_prompt_dataset
@@ -216,7 +215,7 @@ class Driver:
         from actors.weight_sync import launch_weight_board
         from buffers.actor import launch_buffer_actor
         from driftrl.metrics import MetricsServer
-        from learner.actor import call_all, launch_learners
+        from learner.actor import launch_learners
 
         cfg = self.cfg
         if cfg.rollout.weight_sync.transport != "ray_bytes":
@@ -256,7 +255,7 @@ class Driver:
                 )
             self.resumed_from = point
             log.info(point.describe())
-            call_all(self.learners, "load_checkpoint", str(point.path))
+            self._learner_call("load_checkpoint", str(point.path))
             driver_state = point.driver_state
             self.step = driver_state["step"]
             self.version = driver_state["policy_version"]
@@ -265,14 +264,14 @@ class Driver:
             self.wall_offset = driver_state["wall_seconds"]
             self.last_probe = driver_state.get("probe_entropy")
             self.metrics_log.truncate_after(self.step)
-            requeued = ray.get(self.buffer.requeue_leased.remote())
+            requeued = self._get(self.buffer.requeue_leased.remote(), "the buffer's requeue_leased")
             log.info(
                 "resumed at step %d, version %d; %d leased rows requeued", self.step, self.version, requeued
             )
             if self.version > 0:
                 # actors start from cfg.model.path: the board hands them the checkpoint's weights
-                self._learner_get(self._publish(self.version))
-                ray.get(self.board_posted)
+                self._learner_get(self._publish(self.version), f"publish_weights of version {self.version}")
+                self._get(self.board_posted, "the weight board's post")
         if self.last_probe is None:
             self.last_probe = self._probe()
 
@@ -288,10 +287,7 @@ class Driver:
         )
 
     def _probe(self) -> float:
-        from learner.actor import call_all
-
-        values = call_all(self.learners, "probe_entropy", self.probe_ids, self.probe_mask)
-        return float(values[0])
+        return float(self._learner_call("probe_entropy", self.probe_ids, self.probe_mask)[0])
 
     def _publish(self, version: int) -> list[Any]:
         """Queue publication of ``version`` on every learner rank and post it on the board.
@@ -317,7 +313,7 @@ class Driver:
         followed by step ``k+1`` on a batch sampled while step ``k`` was training.
         """
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import RayActorError
 
         cfg = self.cfg
         total = cfg.learner.total_steps
@@ -325,11 +321,14 @@ class Driver:
         gen_refs: dict[Any, int] = {}
         stats_refs: dict[Any, int] = {}
         sample_ref: Any = None
+        sample_started = 0.0
         next_table: Any = None  # a sampled batch waiting for the learner
         train_refs: list[Any] | None = None
+        train_started = 0.0
         train_ids: Any = None
         pending_sync: _Sync | None = None
-        pending_probe: tuple[list[Any], dict[str, float]] | None = None
+        # the probe's refs, its step's row, the predicted ΔH since the previous sync, when queued
+        pending_probe: tuple[list[Any], dict[str, float], float, float] | None = None
         buffer_stats_ref: Any = None
         last_stats = 0.0
         bar = self._progress_bar(total)
@@ -342,11 +341,12 @@ class Driver:
             return self.version + (1 if syncs else 0)
 
         def dispatch_train() -> None:
-            nonlocal next_table, train_refs, train_ids
+            nonlocal next_table, train_refs, train_ids, train_started
             table, next_table = next_table, None
             train_ids = table.column("traj_id").combine_chunks()
             table_ref = ray.put(table)
             train_refs = [a.call.remote("train_step", table_ref) for a in self.learners.actors]
+            train_started = time.monotonic()
             if self.last_train_done is not None:
                 self.learner_wait_s = time.monotonic() - self.last_train_done
 
@@ -354,11 +354,12 @@ class Driver:
             nonlocal pending_probe
             if pending_probe is None:
                 return
-            refs, row = pending_probe
+            refs, row, predicted, queued = pending_probe
             if not wait and len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
                 return
             pending_probe = None
-            self._record_probe(float(self._learner_get(refs)[0]), row)
+            probe = self._learner_get(refs, f"probe_entropy after step {int(row['step'])}", queued)[0]
+            self._record_probe(float(probe), row, predicted)
             self._append_row(row, bar)
 
         try:
@@ -378,6 +379,17 @@ class Driver:
                     sample_ref = self.buffer.sample.remote(
                         groups, version_of_next_step(), self.max_staleness, cfg.learner.sample_timeout_s
                     )
+                    sample_started = now
+                if train_refs is not None and now - train_started > cfg.learner.step_timeout_s:
+                    self._learner_get(train_refs, f"train_step of step {self.step + 1}", train_started)
+                if sample_ref is not None and now - sample_started > (
+                    cfg.learner.sample_timeout_s + cfg.run.rpc_timeout_s
+                ):
+                    raise PipelineError(
+                        f"the replay buffer has not answered a sample call for {now - sample_started:.0f} s "
+                        f"(learner.sample_timeout_s + run.rpc_timeout_s): it hangs. The run can go on from "
+                        f"its last checkpoint: driftrl train --resume {self.run.root}"
+                    )
                 if now - last_stats >= STATS_EVERY_S:
                     last_stats = now
                     if buffer_stats_ref is None:
@@ -396,15 +408,11 @@ class Driver:
                 for ref in ready:
                     if ref in gen_refs:
                         index = gen_refs.pop(ref)
-                        try:
-                            ray.get(ref)
-                            self.unavailable_since.pop(index, None)
-                        except RayActorError as err:
-                            self._actor_died(index, err)
+                        self._generate_done(index, ref)
                     elif ref in stats_refs:
                         index = stats_refs.pop(ref)
                         try:
-                            stats = ray.get(ref)
+                            stats = self._get(ref, f"rollout actor {index}'s stats")
                         except RayActorError:
                             continue  # the generate_step ref reports the death
                         self.rollout_stats[index] = stats
@@ -413,11 +421,11 @@ class Driver:
                             self._restart_broken(index, stats["broken"])
                     elif ref is buffer_stats_ref:
                         buffer_stats_ref = None
-                        self.buffer_stats = ray.get(ref)
+                        self.buffer_stats = self._get(ref, "the buffer's stats")
                         self.telemetry.record_buffer(self.buffer_stats)
                     elif ref is sample_ref:
                         sample_ref = None
-                        next_table = self._checked_batch(ray.get(ref))
+                        next_table = self._checked_batch(self._get(ref, "the buffer's sample"))
                         self.consumed_groups += groups
                         if train_refs is None:
                             dispatch_train()
@@ -426,7 +434,7 @@ class Driver:
                             train_refs
                         ):
                             continue
-                        metrics = self._learner_get(train_refs)[0]
+                        metrics = self._learner_get(train_refs, f"train_step of step {self.step + 1}")[0]
                         train_refs = None
                         self.last_train_done = time.monotonic()
                         self.step += 1
@@ -437,7 +445,7 @@ class Driver:
                             if pending_sync is not None:
                                 self._finish_sync(pending_sync, wait=True)
                             pending_sync, probe_refs = self._start_sync()
-                            pending_probe = (probe_refs, row)
+                            pending_probe = (probe_refs, row, self._take_predicted(), time.monotonic())
                         else:
                             self._append_row(row, bar)
                         if self.step % cfg.learner.checkpoint_interval == 0 or self.step == total:
@@ -456,8 +464,6 @@ class Driver:
             finish_probe(wait=True)
             if pending_sync is not None:
                 self._finish_sync(pending_sync, wait=True)
-        except GetTimeoutError as err:
-            raise PipelineError(f"a Ray call timed out: {err}") from err
         finally:
             if bar is not None:
                 bar.close()
@@ -467,13 +473,14 @@ class Driver:
     def _checked_batch(self, table: Any) -> Any:
         """The sampled table, or a clear error when the rollout side produced too little in time."""
         import pyarrow.compute as pc
-        import ray
 
         groups = self.cfg.learner.groups_per_step
         n_groups = pc.count_distinct(table.column("group_id")).as_py() if table.num_rows else 0
         if n_groups < groups:
             if table.num_rows:
-                ray.get(self.buffer.release.remote(table.column("traj_id").to_pylist()))
+                self._get(
+                    self.buffer.release.remote(table.column("traj_id").to_pylist()), "the buffer's release"
+                )
             raise PipelineError(
                 f"the learner waited {self.cfg.learner.sample_timeout_s:.0f} s for {groups} groups and got "
                 f"{n_groups}: the rollout actors produce nothing (see their stats at {self.server.url}/metrics "
@@ -481,13 +488,51 @@ class Driver:
             )
         return table
 
-    def _learner_get(self, refs: list[Any]) -> list[Any]:
-        """``ray.get`` of learner calls; a dead rank becomes the resume instruction."""
+    def _get(self, ref: Any, what: str) -> Any:
+        """``ray.get`` of one non-learner call (buffer, board, rollout actor) within ``run.rpc_timeout_s``."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            return ray.get(ref, timeout=self.cfg.run.rpc_timeout_s)
+        except GetTimeoutError as err:
+            raise PipelineError(
+                f"{what} did not answer within run.rpc_timeout_s={self.cfg.run.rpc_timeout_s:g} s after step "
+                f"{self.step}: that process hangs. Its log is under /tmp/ray/session_latest/logs; the run can "
+                f"go on from its last checkpoint: driftrl train --resume {self.run.root}"
+            ) from err
+
+    def _learner_call(self, method: str, *args: Any) -> list[Any]:
+        """``Learner.<method>(*args)`` on every rank, waited for within ``learner.step_timeout_s``."""
+        import ray
+
+        refs = [ray.put(a) for a in args]  # a large argument goes to the object store once
+        calls = [a.call.remote(method, *refs) for a in self.learners.actors]
+        return self._learner_get(calls, f"{method} after step {self.step}")
+
+    def _learner_get(self, refs: list[Any], what: str, started: float | None = None) -> list[Any]:
+        """The ranks' results of one learner call queued at ``started`` (None: now), rank ``i`` = ``refs[i]``.
+
+        A rank that has not answered ``learner.step_timeout_s`` after ``started`` hangs (a stuck
+        collective, a wedged device): the run ends naming it. A dead rank becomes the resume instruction.
+        """
         import ray
         from ray.exceptions import RayActorError
 
+        timeout_s = self.cfg.learner.step_timeout_s
+        elapsed = 0.0 if started is None else time.monotonic() - started
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, timeout_s - elapsed))
+        hung = [rank for rank, ref in enumerate(refs) if ref not in ready]
+        if hung:
+            ranks = ", ".join(map(str, hung))
+            raise PipelineError(
+                f"learner rank {ranks} did not finish {what} within learner.step_timeout_s={timeout_s:g} s: "
+                f"it hangs (a stuck collective, a wedged device, swapping). Its log is under "
+                f"/tmp/ray/session_latest/logs; the run can go on from its last checkpoint: driftrl train "
+                f"--resume {self.run.root} (raise learner.step_timeout_s if its steps are this slow)"
+            )
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=self.cfg.run.rpc_timeout_s)
         except RayActorError as err:
             raise PipelineError(
                 f"a learner rank died after step {self.step}; the run can go on from its last checkpoint: "
@@ -500,14 +545,20 @@ class Driver:
             self.on_step(self, row)
         self._update_bar(bar, row)
 
-    def _record_probe(self, probe: float, row: dict[str, float]) -> None:
+    def _take_predicted(self) -> float:
+        """The predicted ΔH summed since the last sync, reset: taken when that sync's probe is queued,
+        so a step handled before the probe's answer counts towards the next sync, not this one."""
+        predicted, self.predicted_since_sync = self.predicted_since_sync, 0.0
+        return predicted
+
+    def _record_probe(self, probe: float, row: dict[str, float], predicted: float) -> None:
+        """Pair the probe's realised ΔH with ``predicted`` (:meth:`_take_predicted` at queue time)."""
         realised = probe - self.last_probe if self.last_probe is not None else math.nan
         row["probe_entropy"] = probe
         row["realised_delta_entropy"] = realised
-        row["predicted_delta_entropy_since_sync"] = self.predicted_since_sync
+        row["predicted_delta_entropy_since_sync"] = predicted
         self.telemetry.record_probe(probe, realised)
         self.last_probe = probe
-        self.predicted_since_sync = 0.0
 
     def _after_step(self, metrics: dict[str, float]) -> dict[str, float]:
         from driftrl.report import learner_row
@@ -559,11 +610,11 @@ class Driver:
         if pending and not wait:
             return False
         # a failed publication is the learner's error, not the actors'
-        self._learner_get(sync.publish)
+        self._learner_get(sync.publish, f"publish_weights of version {sync.version}", sync.started)
         for ref in done:
             index = sync.refs[ref]
             try:
-                ray.get(ref)
+                self._get(ref, f"rollout actor {index}'s update_weights")
             except RayActorError as err:
                 # it died while loading: Ray restarts it and it catches up from the board
                 self._actor_died(index, err)
@@ -585,6 +636,30 @@ class Driver:
         self.telemetry.observe_sync(seconds)
         log.info("weight version %d on %d rollout actors in %.2f s", sync.version, len(done), seconds)
         return True
+
+    def _generate_done(self, index: int, ref: Any) -> None:
+        """Handle rollout actor ``index``'s finished ``generate_step``.
+
+        Its process gone: :meth:`_actor_died`. Any other exception (vLLM's ``EngineDeadError``, a
+        bug in a reward function's wrapper, ...) leaves an actor in an unknown state: it is
+        restarted like a broken one, counted against ``rollout.max_restarts``, and the run goes on.
+        """
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            self._get(ref, f"rollout actor {index}'s generate_step")
+            self.unavailable_since.pop(index, None)
+        except RayActorError as err:
+            self._actor_died(index, err)
+        except PipelineError:
+            raise
+        except Exception as err:
+            cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
+            text = str(cause).strip().splitlines()
+            self.telemetry.count("rollout_step_errors_total")
+            self._restart_broken(
+                index, f"generate_step raised {type(cause).__name__}" + (f": {text[0]}" if text else "")
+            )
 
     def _count_restart(self, index: int, reason: str) -> None:
         """Count one restart of actor ``index``; past ``rollout.max_restarts`` the run stops."""
@@ -639,14 +714,11 @@ class Driver:
         self.unavailable_since[index] = time.monotonic()
 
     def _checkpoints(self) -> CheckpointWriter:
-        import ray
-
-        from learner.actor import call_all
 
         return CheckpointWriter(
             self.run,
-            save_learner=lambda path: call_all(self.learners, "save_checkpoint", str(path)),
-            ack=lambda ids: ray.get(self.buffer.ack.remote(ids)),
+            save_learner=lambda path: self._learner_call("save_checkpoint", str(path)),
+            ack=lambda ids: self._get(self.buffer.ack.remote(ids), "the buffer's ack"),
             keep=KEEP_CHECKPOINTS,
             hook=self.checkpoint_hook,
         )
@@ -702,13 +774,11 @@ class Driver:
     # ---- the end ------------------------------------------------------------------------------
 
     def finish(self) -> TrainResult:
-        import ray
 
         from driftrl.report import write_report
-        from learner.actor import call_all
 
-        call_all(self.learners, "export_pretrained", str(self.run.final_model), self.cfg.model.path)
-        self.buffer_stats = ray.get(self.buffer.stats.remote())
+        self._learner_call("export_pretrained", str(self.run.final_model), self.cfg.model.path)
+        self.buffer_stats = self._get(self.buffer.stats.remote(), "the buffer's stats")
         self.telemetry.record_buffer(self.buffer_stats)
         self.metrics_log.flush()
         summary = write_report(
