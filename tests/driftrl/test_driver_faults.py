@@ -127,3 +127,16 @@ def test_a_hung_buffer_call_ends_the_run_within_the_rpc_deadline(local_ray, tmp_
         driver._get(buffer.stats.remote(), "the buffer's stats")
     assert time.monotonic() - started < 4.0
     ray.kill(buffer, no_restart=True)
+
+
+def test_predicted_entropy_change_is_paired_with_the_probe_of_its_own_sync(tmp_path):
+    # no Ray: the driver's bookkeeping when step 2 is handled before step 1's probe answers
+    driver = make_driver(tmp_path)
+    driver.last_probe = 1.0
+    row1 = driver._after_step({"predicted_entropy_change": 0.25})
+    predicted = driver._take_predicted()  # step 1 syncs: its probe is queued
+    driver._after_step({"predicted_entropy_change": -0.5})  # step 2 ends first
+    driver._record_probe(0.75, row1, predicted)  # step 1's probe answers
+    # 0.75 - 1.0 realised against step 1's 0.25 only; step 2's -0.5 waits for the next sync
+    assert (row1["realised_delta_entropy"], row1["predicted_delta_entropy_since_sync"]) == (-0.25, 0.25)
+    assert driver.predicted_since_sync == -0.5
