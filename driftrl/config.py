@@ -46,6 +46,14 @@ class RunConfig(StrictModel):
     )
     ray_address: str | None = Field(None, description="Ray cluster address; None = start local Ray.")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray node (None = all).")
+    rpc_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="Deadline of every driver call into the replay buffer, the weight board and the rollout "
+        "actors (an ack, a stats call, a weight update's answer, ...); a sample may take learner.sample_timeout_s "
+        "more. Expiry ends the run naming the process that hangs.",
+    )
 
     @field_validator("name")
     @classmethod
