@@ -87,7 +87,7 @@ def _filter_pass_rate(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from driftrl.compare import groups_from_args, write_comparison
 
-    md = write_comparison(groups_from_args(args.run_dirs), Path(args.out), window=args.window)
+    md = write_comparison(groups_from_args(args.run_dirs), Path(args.out), window=args.window).markdown
     print("".join(line for line in md.read_text().splitlines(keepends=True) if line.startswith("|")), end="")
     print(f"report written to {md}")
     return 0

@@ -10,7 +10,9 @@ values left out; a column no run has is left out. Avg@K / Pass@K come from the e
 ``driftrl eval`` writes beside the final model (``<run dir>/final_model.eval-k<K>.json``).
 
 The plots: one PNG per column, the mean over seeds of a trailing ``window``-step mean against the
-learner step, the band min..max over seeds; ``eval.png`` when evals exist.
+learner step, the band min..max over seeds; ``eval.png`` when evals exist;
+``delta_entropy_scatter.png`` (predicted vs realised probe ΔH per sync, seeds pooled) when any run
+has both.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from driftrl.config import ConfigError
+from driftrl.report import DELTA_ENTROPY_PAIR
 from driftrl.run_dir import RunDir
 
 # The same-batch realised entropy change per step (the learner's re-forward after its update),
@@ -60,6 +63,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("probe_entropy", "probe entropy (last)", "last"),
     Column(REALISED_ENTROPY_CHANGE, "same-batch ΔH (mean)", "mean", 5),
     Column("predicted_entropy_change", "predicted ΔH (mean)", "mean", 5),
+    Column("cov_adv_weighted_s_centered", "Cov(A, r·Sc) (mean)", "mean", 4),
     Column("reward_mean", "reward (last)", "last"),
     Column("clip_dropped_frac", "mask fraction (mean)", "mean", 4),
     Column("clip_dropped_frac_neg_adv", "mask fraction A<0 (mean)", "mean", 4),
@@ -260,6 +264,31 @@ def plot(
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
         written.append(name)
+    pairs = {
+        method: [
+            (row[DELTA_ENTROPY_PAIR[0]], row[DELTA_ENTROPY_PAIR[1]])
+            for run in runs
+            for row in run.rows
+            if all(math.isfinite(row.get(c, math.nan)) for c in DELTA_ENTROPY_PAIR)
+        ]
+        for method, runs in groups.items()
+    }
+    if any(pairs.values()):
+        fig, ax = plt.subplots(figsize=(6, 5))
+        for i, (method, points) in enumerate(pairs.items()):
+            ax.scatter(
+                [x for x, _ in points], [y for _, y in points], s=8, alpha=0.5, color=f"C{i}", label=method
+            )
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_xlabel("predicted ΔH since the previous sync (per unit step size)")
+        ax.set_ylabel("realised ΔH on the probe set (nats)")
+        ax.set_title("entropy change per sync, seeds pooled")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "delta_entropy_scatter.png", dpi=100)
+        plt.close(fig)
+        written.append("delta_entropy_scatter.png")
     eval_keys = sorted({k for stats in summary.values() for k in stats if k.startswith("eval/")})
     if eval_keys:
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(summary) * len(eval_keys) / 2), 4))
@@ -283,8 +312,23 @@ def plot(
     return written
 
 
-def write_comparison(groups: Mapping[str, Sequence[Path | Run]], out: Path, window: int = 10) -> Path:
-    """Write ``out/compare.md`` (the table and the plots), ``compare.json`` and the PNGs; returns the markdown path."""
+@dataclass(frozen=True)
+class Comparison:
+    """What :func:`write_comparison` wrote: the markdown report, the PNG names, the per-method summary."""
+
+    markdown: Path
+    plots: list[str]
+    summary: dict[str, dict[str, dict[str, float]]]
+
+
+def write_comparison(groups: Mapping[str, Sequence[Path | Run]], out: Path, window: int = 10) -> Comparison:
+    """Write ``out/compare.md`` (the table and the plots), ``compare.json`` and the PNGs.
+
+    Args:
+        groups: method label -> its runs, as run directories or already loaded :class:`Run` records.
+        out: report folder (created).
+        window: steps averaged for the ``last`` values and the curves' trailing mean.
+    """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     loaded = {
@@ -320,7 +364,7 @@ def write_comparison(groups: Mapping[str, Sequence[Path | Run]], out: Path, wind
         "plots": pictures,
     }
     (out / "compare.json").write_text(json.dumps(record, indent=1) + "\n")
-    return md
+    return Comparison(md, pictures, summary)
 
 
 def groups_from_args(items: Sequence[str]) -> dict[str, list[Run]]:

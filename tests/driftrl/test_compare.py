@@ -35,6 +35,8 @@ def _make_run(root: Path, name: str, method: str, seed: int, scale: float, reali
             "train_tokens_per_s": 1000.0 * scale,
             "rollout_tokens_per_s": 2000.0,
             "probe_entropy": math.nan if step % 2 else 1.2,
+            "realised_delta_entropy": math.nan if step % 2 else -0.01 * step,
+            "predicted_delta_entropy_since_sync": math.nan if step % 2 else -0.02 * step,
             "wall_seconds": 5.0 + 0.5 * step * scale,
         }
         if realised:
@@ -108,9 +110,13 @@ def test_compare_table_matches_the_runs(tmp_path: Path) -> None:
     )
     for name in record["plots"]:
         assert (out / name).stat().st_size > 0
-    assert {"entropy_mean.png", "reward_mean.png", f"{REALISED_ENTROPY_CHANGE}.png", "eval.png"} <= set(
-        record["plots"]
-    )
+    assert {
+        "entropy_mean.png",
+        "reward_mean.png",
+        f"{REALISED_ENTROPY_CHANGE}.png",
+        "eval.png",
+        "delta_entropy_scatter.png",
+    } <= set(record["plots"])
 
 
 def test_compare_without_the_realised_column_or_evals(tmp_path: Path) -> None:
