@@ -89,11 +89,25 @@ class TaskConfig(StrictModel):
 
 
 class MetricsConfig(StrictModel):
-    """Prometheus endpoint of the driver."""
+    """Prometheus endpoint of the driver and the optional per-step loggers."""
 
     host: str = Field("127.0.0.1", description="Bind address of /metrics and /healthz.")
     port: int = Field(9464, ge=0, le=65535, description="Port (0 = pick a free one).")
     probe_prompts: int = Field(16, ge=1, description="Fixed probe prompts for realised entropy change.")
+    loggers: tuple[Literal["tensorboard", "wandb"], ...] = Field(
+        (),
+        max_length=2,
+        description="Also log every metrics.parquet row to these: tensorboard (<run dir>/tensorboard) and/or "
+        "wandb (honours WANDB_MODE, e.g. offline). Each needs its extra: pip install 'driftrl[tensorboard]'.",
+    )
+    wandb_project: str = Field("driftrl", min_length=1, max_length=128, description="W&B project of the run.")
+
+    @field_validator("loggers")
+    @classmethod
+    def _each_once(cls, loggers: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(loggers)) != len(loggers):
+            raise ValueError("name each logger once")
+        return loggers
 
 
 class DriftConfig(StrictModel):

@@ -178,6 +178,7 @@ class Driver:
         self.max_staleness = 0 if self.sync_mode else cfg.learner.max_staleness
         self.telemetry = RunTelemetry()
         self.metrics_log = MetricsLog(run.metrics)
+        self.step_loggers: list[Any] = []  # driftrl.loggers.StepLogger, from metrics.loggers
         self.server: Any = None
         self.started_ray = False
         self.buffer: Any = None
@@ -231,6 +232,13 @@ class Driver:
         )
         # a bad train file fails here, at once and in one line, not in every actor's constructor
         load_prompt_dataset(spec)
+        if cfg.metrics.loggers:
+            from driftrl.loggers import open_loggers
+
+            config = cfg.model_dump(mode="json")
+            self.step_loggers = open_loggers(
+                cfg.metrics.loggers, self.run.root, cfg.run.name, config, cfg.metrics.wandb_project
+            )
         self.server = MetricsServer(self.telemetry, cfg.metrics.host, cfg.metrics.port).start()
         log.info("metrics at %s/metrics", self.server.url)
         self.started_ray = _init_ray(cfg)
@@ -541,6 +549,8 @@ class Driver:
 
     def _append_row(self, row: dict[str, float], bar: Any) -> None:
         self.metrics_log.append(row)
+        for step_logger in self.step_loggers:
+            step_logger.log(row, int(row["step"]))
         if self.on_step is not None:
             self.on_step(self, row)
         self._update_bar(bar, row)
@@ -821,6 +831,9 @@ class Driver:
                 ray.shutdown()
         if self.server is not None:
             self.server.stop()
+        for step_logger in self.step_loggers:
+            step_logger.close()
+        self.step_loggers = []
 
 
 def train(
