@@ -84,6 +84,15 @@ def _filter_pass_rate(args: argparse.Namespace) -> int:
     return filter_pass_rate_main(args)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from driftrl.compare import groups_from_args, write_comparison
+
+    md = write_comparison(groups_from_args(args.run_dirs), Path(args.out), window=args.window).markdown
+    print("".join(line for line in md.read_text().splitlines(keepends=True) if line.startswith("|")), end="")
+    print(f"report written to {md}")
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     from driftrl.config import dump_config
 
@@ -311,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="Run directory to resume from its last checkpoint.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar (logs and CI).")
     p.set_defaults(handler=_run)
+
+    p = sub.add_parser("compare", help="One report (PNG plots + markdown table) over runs, seeds grouped by method.")
+    p.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="Run directories; LABEL=RUN_DIR names a method by hand."
+    )
+    p.add_argument("--out", default="runs/compare", help="Report folder (compare.md, compare.json, PNGs).")
+    p.add_argument("--window", type=int, default=10, help="Steps averaged for 'last' values and the curves.")
+    p.set_defaults(handler=_compare)
 
     p = sub.add_parser("eval", help="Avg@K and Pass@K of a checkpoint on held-out data.")
     _add_config_args(p)

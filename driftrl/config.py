@@ -46,6 +46,14 @@ class RunConfig(StrictModel):
     )
     ray_address: str | None = Field(None, description="Ray cluster address; None = start local Ray.")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray node (None = all).")
+    rpc_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="Deadline of every driver call into the replay buffer, the weight board and the rollout "
+        "actors (an ack, a stats call, a weight update's answer, ...); a sample may take learner.sample_timeout_s "
+        "more. Expiry ends the run naming the process that hangs.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -81,11 +89,25 @@ class TaskConfig(StrictModel):
 
 
 class MetricsConfig(StrictModel):
-    """Prometheus endpoint of the driver."""
+    """Prometheus endpoint of the driver and the optional per-step loggers."""
 
     host: str = Field("127.0.0.1", description="Bind address of /metrics and /healthz.")
     port: int = Field(9464, ge=0, le=65535, description="Port (0 = pick a free one).")
     probe_prompts: int = Field(16, ge=1, description="Fixed probe prompts for realised entropy change.")
+    loggers: tuple[Literal["tensorboard", "wandb"], ...] = Field(
+        (),
+        max_length=2,
+        description="Also log every metrics.parquet row to these: tensorboard (<run dir>/tensorboard) and/or "
+        "wandb (honours WANDB_MODE, e.g. offline). Each needs its extra: pip install 'driftrl[tensorboard]'.",
+    )
+    wandb_project: str = Field("driftrl", min_length=1, max_length=128, description="W&B project of the run.")
+
+    @field_validator("loggers")
+    @classmethod
+    def _each_once(cls, loggers: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(loggers)) != len(loggers):
+            raise ValueError("name each logger once")
+        return loggers
 
 
 class DriftConfig(StrictModel):

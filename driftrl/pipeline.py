@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from driftrl.checkpoints import CheckpointWriter, ResumePoint
 from driftrl.config import ConfigError, DriftConfig, load_config
 from driftrl.run_dir import RunDir, RunLocks, create_run_dir, in_use, open_run_dir, write_atomic
 
 log = logging.getLogger("driftrl.pipeline")
 
-DRIVER_STATE_FILE = "driver.json"
 KEEP_CHECKPOINTS = 2
 # how long one generate_step call waits for a finished group: also the longest a weight update
 # queues behind it on the actor
@@ -66,6 +66,7 @@ class TrainResult:
     rows_acked_by_driver: int = 0
     rollout_restarts: int = 0
     sync_failures: int = 0
+    resumed_from: str | None = None  # which checkpoint a resume started from (ResumePoint.describe)
 
 
 @dataclass
@@ -158,22 +159,26 @@ class Driver:
         self,
         cfg: DriftConfig,
         run: RunDir,
-        resume_step: int | None = None,
+        resume: bool = False,
         progress: bool = True,
         on_step: Callable[[Driver, dict[str, float]], None] | None = None,
+        checkpoint_hook: Callable[[str, int], None] | None = None,
     ) -> None:
         from driftrl.metrics import RunTelemetry
         from driftrl.report import MetricsLog
 
         self.cfg = cfg
         self.run = run
-        self.resume_step = resume_step
+        self.resume = resume
+        self.checkpoint_hook = checkpoint_hook
+        self.resumed_from: ResumePoint | None = None
         self.progress = progress
         self.on_step = on_step
         self.sync_mode = cfg.run.mode == "sync"
         self.max_staleness = 0 if self.sync_mode else cfg.learner.max_staleness
         self.telemetry = RunTelemetry()
         self.metrics_log = MetricsLog(run.metrics)
+        self.step_loggers: list[Any] = []  # driftrl.loggers.StepLogger, from metrics.loggers
         self.server: Any = None
         self.started_ray = False
         self.buffer: Any = None
@@ -190,7 +195,7 @@ class Driver:
         self.unavailable_since: dict[int, float] = {}
         self.retry_at: dict[int, float] = {}
         self.sync_failures = 0
-        self.unacked: list[Any] = []  # pyarrow arrays of traj ids leased since the last checkpoint
+        self.unacked: dict[int, list[str]] = {}  # step -> traj ids trained since the last checkpoint
         self.predicted_since_sync = 0.0
         self.last_sync_seconds = math.nan  # the latest finished sync, publish to every actor loaded
         self.last_train_done: float | None = None
@@ -204,7 +209,6 @@ class Driver:
     # ---- setup --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        import ray
 
         from actors.admission import AdmissionRule
         from actors.prompts import PromptSpec, load_prompt_dataset
@@ -212,7 +216,7 @@ class Driver:
         from actors.weight_sync import launch_weight_board
         from buffers.actor import launch_buffer_actor
         from driftrl.metrics import MetricsServer
-        from learner.actor import call_all, launch_learners
+        from learner.actor import launch_learners
 
         cfg = self.cfg
         if cfg.rollout.weight_sync.transport != "ray_bytes":
@@ -228,6 +232,13 @@ class Driver:
         )
         # a bad train file fails here, at once and in one line, not in every actor's constructor
         load_prompt_dataset(spec)
+        if cfg.metrics.loggers:
+            from driftrl.loggers import open_loggers
+
+            config = cfg.model_dump(mode="json")
+            self.step_loggers = open_loggers(
+                cfg.metrics.loggers, self.run.root, cfg.run.name, config, cfg.metrics.wandb_project
+            )
         self.server = MetricsServer(self.telemetry, cfg.metrics.host, cfg.metrics.port).start()
         log.info("metrics at %s/metrics", self.server.url)
         self.started_ray = _init_ray(cfg)
@@ -244,10 +255,16 @@ class Driver:
         self.learners = launch_learners(cfg.learner, cfg.model.path, seed=cfg.run.seed)
         self.probe_ids, self.probe_mask = _probe_batch(cfg)
 
-        if self.resume_step is not None:
-            checkpoint = self.run.checkpoint(self.resume_step)
-            call_all(self.learners, "load_checkpoint", str(checkpoint))
-            driver_state = json.loads((checkpoint / DRIVER_STATE_FILE).read_text())
+        if self.resume:
+            point = self._checkpoints().resume_point()
+            if point is None:
+                raise ConfigError(
+                    f"{self.run.root} holds no complete checkpoint to resume from; start a new run instead"
+                )
+            self.resumed_from = point
+            log.info(point.describe())
+            self._learner_call("load_checkpoint", str(point.path))
+            driver_state = point.driver_state
             self.step = driver_state["step"]
             self.version = driver_state["policy_version"]
             self.consumed_groups = driver_state["consumed_groups"]
@@ -255,14 +272,14 @@ class Driver:
             self.wall_offset = driver_state["wall_seconds"]
             self.last_probe = driver_state.get("probe_entropy")
             self.metrics_log.truncate_after(self.step)
-            requeued = ray.get(self.buffer.requeue_leased.remote())
+            requeued = self._get(self.buffer.requeue_leased.remote(), "the buffer's requeue_leased")
             log.info(
                 "resumed at step %d, version %d; %d leased rows requeued", self.step, self.version, requeued
             )
             if self.version > 0:
                 # actors start from cfg.model.path: the board hands them the checkpoint's weights
-                self._learner_get(self._publish(self.version))
-                ray.get(self.board_posted)
+                self._learner_get(self._publish(self.version), f"publish_weights of version {self.version}")
+                self._get(self.board_posted, "the weight board's post")
         if self.last_probe is None:
             self.last_probe = self._probe()
 
@@ -278,10 +295,7 @@ class Driver:
         )
 
     def _probe(self) -> float:
-        from learner.actor import call_all
-
-        values = call_all(self.learners, "probe_entropy", self.probe_ids, self.probe_mask)
-        return float(values[0])
+        return float(self._learner_call("probe_entropy", self.probe_ids, self.probe_mask)[0])
 
     def _publish(self, version: int) -> list[Any]:
         """Queue publication of ``version`` on every learner rank and post it on the board.
@@ -307,7 +321,7 @@ class Driver:
         followed by step ``k+1`` on a batch sampled while step ``k`` was training.
         """
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import RayActorError
 
         cfg = self.cfg
         total = cfg.learner.total_steps
@@ -315,11 +329,14 @@ class Driver:
         gen_refs: dict[Any, int] = {}
         stats_refs: dict[Any, int] = {}
         sample_ref: Any = None
+        sample_started = 0.0
         next_table: Any = None  # a sampled batch waiting for the learner
         train_refs: list[Any] | None = None
+        train_started = 0.0
         train_ids: Any = None
         pending_sync: _Sync | None = None
-        pending_probe: tuple[list[Any], dict[str, float]] | None = None
+        # the probe's refs, its step's row, the predicted ΔH since the previous sync, when queued
+        pending_probe: tuple[list[Any], dict[str, float], float, float] | None = None
         buffer_stats_ref: Any = None
         last_stats = 0.0
         bar = self._progress_bar(total)
@@ -332,11 +349,12 @@ class Driver:
             return self.version + (1 if syncs else 0)
 
         def dispatch_train() -> None:
-            nonlocal next_table, train_refs, train_ids
+            nonlocal next_table, train_refs, train_ids, train_started
             table, next_table = next_table, None
             train_ids = table.column("traj_id").combine_chunks()
             table_ref = ray.put(table)
             train_refs = [a.call.remote("train_step", table_ref) for a in self.learners.actors]
+            train_started = time.monotonic()
             if self.last_train_done is not None:
                 self.learner_wait_s = time.monotonic() - self.last_train_done
 
@@ -344,11 +362,12 @@ class Driver:
             nonlocal pending_probe
             if pending_probe is None:
                 return
-            refs, row = pending_probe
+            refs, row, predicted, queued = pending_probe
             if not wait and len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
                 return
             pending_probe = None
-            self._record_probe(float(self._learner_get(refs)[0]), row)
+            probe = self._learner_get(refs, f"probe_entropy after step {int(row['step'])}", queued)[0]
+            self._record_probe(float(probe), row, predicted)
             self._append_row(row, bar)
 
         try:
@@ -368,6 +387,17 @@ class Driver:
                     sample_ref = self.buffer.sample.remote(
                         groups, version_of_next_step(), self.max_staleness, cfg.learner.sample_timeout_s
                     )
+                    sample_started = now
+                if train_refs is not None and now - train_started > cfg.learner.step_timeout_s:
+                    self._learner_get(train_refs, f"train_step of step {self.step + 1}", train_started)
+                if sample_ref is not None and now - sample_started > (
+                    cfg.learner.sample_timeout_s + cfg.run.rpc_timeout_s
+                ):
+                    raise PipelineError(
+                        f"the replay buffer has not answered a sample call for {now - sample_started:.0f} s "
+                        f"(learner.sample_timeout_s + run.rpc_timeout_s): it hangs. The run can go on from "
+                        f"its last checkpoint: driftrl train --resume {self.run.root}"
+                    )
                 if now - last_stats >= STATS_EVERY_S:
                     last_stats = now
                     if buffer_stats_ref is None:
@@ -386,15 +416,11 @@ class Driver:
                 for ref in ready:
                     if ref in gen_refs:
                         index = gen_refs.pop(ref)
-                        try:
-                            ray.get(ref)
-                            self.unavailable_since.pop(index, None)
-                        except RayActorError as err:
-                            self._actor_died(index, err)
+                        self._generate_done(index, ref)
                     elif ref in stats_refs:
                         index = stats_refs.pop(ref)
                         try:
-                            stats = ray.get(ref)
+                            stats = self._get(ref, f"rollout actor {index}'s stats")
                         except RayActorError:
                             continue  # the generate_step ref reports the death
                         self.rollout_stats[index] = stats
@@ -403,11 +429,11 @@ class Driver:
                             self._restart_broken(index, stats["broken"])
                     elif ref is buffer_stats_ref:
                         buffer_stats_ref = None
-                        self.buffer_stats = ray.get(ref)
+                        self.buffer_stats = self._get(ref, "the buffer's stats")
                         self.telemetry.record_buffer(self.buffer_stats)
                     elif ref is sample_ref:
                         sample_ref = None
-                        next_table = self._checked_batch(ray.get(ref))
+                        next_table = self._checked_batch(self._get(ref, "the buffer's sample"))
                         self.consumed_groups += groups
                         if train_refs is None:
                             dispatch_train()
@@ -416,18 +442,18 @@ class Driver:
                             train_refs
                         ):
                             continue
-                        metrics = self._learner_get(train_refs)[0]
+                        metrics = self._learner_get(train_refs, f"train_step of step {self.step + 1}")[0]
                         train_refs = None
                         self.last_train_done = time.monotonic()
-                        self.unacked.append(train_ids)
                         self.step += 1
+                        self.unacked[self.step] = train_ids.to_pylist()
                         row = self._after_step(metrics)
                         if self.step % cfg.learner.sync_interval == 0 or self.step == total:
                             finish_probe(wait=True)  # keeps realised ΔH between consecutive syncs
                             if pending_sync is not None:
                                 self._finish_sync(pending_sync, wait=True)
                             pending_sync, probe_refs = self._start_sync()
-                            pending_probe = (probe_refs, row)
+                            pending_probe = (probe_refs, row, self._take_predicted(), time.monotonic())
                         else:
                             self._append_row(row, bar)
                         if self.step % cfg.learner.checkpoint_interval == 0 or self.step == total:
@@ -446,8 +472,6 @@ class Driver:
             finish_probe(wait=True)
             if pending_sync is not None:
                 self._finish_sync(pending_sync, wait=True)
-        except GetTimeoutError as err:
-            raise PipelineError(f"a Ray call timed out: {err}") from err
         finally:
             if bar is not None:
                 bar.close()
@@ -457,13 +481,14 @@ class Driver:
     def _checked_batch(self, table: Any) -> Any:
         """The sampled table, or a clear error when the rollout side produced too little in time."""
         import pyarrow.compute as pc
-        import ray
 
         groups = self.cfg.learner.groups_per_step
         n_groups = pc.count_distinct(table.column("group_id")).as_py() if table.num_rows else 0
         if n_groups < groups:
             if table.num_rows:
-                ray.get(self.buffer.release.remote(table.column("traj_id").to_pylist()))
+                self._get(
+                    self.buffer.release.remote(table.column("traj_id").to_pylist()), "the buffer's release"
+                )
             raise PipelineError(
                 f"the learner waited {self.cfg.learner.sample_timeout_s:.0f} s for {groups} groups and got "
                 f"{n_groups}: the rollout actors produce nothing (see their stats at {self.server.url}/metrics "
@@ -471,13 +496,51 @@ class Driver:
             )
         return table
 
-    def _learner_get(self, refs: list[Any]) -> list[Any]:
-        """``ray.get`` of learner calls; a dead rank becomes the resume instruction."""
+    def _get(self, ref: Any, what: str) -> Any:
+        """``ray.get`` of one non-learner call (buffer, board, rollout actor) within ``run.rpc_timeout_s``."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            return ray.get(ref, timeout=self.cfg.run.rpc_timeout_s)
+        except GetTimeoutError as err:
+            raise PipelineError(
+                f"{what} did not answer within run.rpc_timeout_s={self.cfg.run.rpc_timeout_s:g} s after step "
+                f"{self.step}: that process hangs. Its log is under /tmp/ray/session_latest/logs; the run can "
+                f"go on from its last checkpoint: driftrl train --resume {self.run.root}"
+            ) from err
+
+    def _learner_call(self, method: str, *args: Any) -> list[Any]:
+        """``Learner.<method>(*args)`` on every rank, waited for within ``learner.step_timeout_s``."""
+        import ray
+
+        refs = [ray.put(a) for a in args]  # a large argument goes to the object store once
+        calls = [a.call.remote(method, *refs) for a in self.learners.actors]
+        return self._learner_get(calls, f"{method} after step {self.step}")
+
+    def _learner_get(self, refs: list[Any], what: str, started: float | None = None) -> list[Any]:
+        """The ranks' results of one learner call queued at ``started`` (None: now), rank ``i`` = ``refs[i]``.
+
+        A rank that has not answered ``learner.step_timeout_s`` after ``started`` hangs (a stuck
+        collective, a wedged device): the run ends naming it. A dead rank becomes the resume instruction.
+        """
         import ray
         from ray.exceptions import RayActorError
 
+        timeout_s = self.cfg.learner.step_timeout_s
+        elapsed = 0.0 if started is None else time.monotonic() - started
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, timeout_s - elapsed))
+        hung = [rank for rank, ref in enumerate(refs) if ref not in ready]
+        if hung:
+            ranks = ", ".join(map(str, hung))
+            raise PipelineError(
+                f"learner rank {ranks} did not finish {what} within learner.step_timeout_s={timeout_s:g} s: "
+                f"it hangs (a stuck collective, a wedged device, swapping). Its log is under "
+                f"/tmp/ray/session_latest/logs; the run can go on from its last checkpoint: driftrl train "
+                f"--resume {self.run.root} (raise learner.step_timeout_s if its steps are this slow)"
+            )
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=self.cfg.run.rpc_timeout_s)
         except RayActorError as err:
             raise PipelineError(
                 f"a learner rank died after step {self.step}; the run can go on from its last checkpoint: "
@@ -486,18 +549,26 @@ class Driver:
 
     def _append_row(self, row: dict[str, float], bar: Any) -> None:
         self.metrics_log.append(row)
+        for step_logger in self.step_loggers:
+            step_logger.log(row, int(row["step"]))
         if self.on_step is not None:
             self.on_step(self, row)
         self._update_bar(bar, row)
 
-    def _record_probe(self, probe: float, row: dict[str, float]) -> None:
+    def _take_predicted(self) -> float:
+        """The predicted ΔH summed since the last sync, reset: taken when that sync's probe is queued,
+        so a step handled before the probe's answer counts towards the next sync, not this one."""
+        predicted, self.predicted_since_sync = self.predicted_since_sync, 0.0
+        return predicted
+
+    def _record_probe(self, probe: float, row: dict[str, float], predicted: float) -> None:
+        """Pair the probe's realised ΔH with ``predicted`` (:meth:`_take_predicted` at queue time)."""
         realised = probe - self.last_probe if self.last_probe is not None else math.nan
         row["probe_entropy"] = probe
         row["realised_delta_entropy"] = realised
-        row["predicted_delta_entropy_since_sync"] = self.predicted_since_sync
+        row["predicted_delta_entropy_since_sync"] = predicted
         self.telemetry.record_probe(probe, realised)
         self.last_probe = probe
-        self.predicted_since_sync = 0.0
 
     def _after_step(self, metrics: dict[str, float]) -> dict[str, float]:
         from driftrl.report import learner_row
@@ -549,11 +620,11 @@ class Driver:
         if pending and not wait:
             return False
         # a failed publication is the learner's error, not the actors'
-        self._learner_get(sync.publish)
+        self._learner_get(sync.publish, f"publish_weights of version {sync.version}", sync.started)
         for ref in done:
             index = sync.refs[ref]
             try:
-                ray.get(ref)
+                self._get(ref, f"rollout actor {index}'s update_weights")
             except RayActorError as err:
                 # it died while loading: Ray restarts it and it catches up from the board
                 self._actor_died(index, err)
@@ -575,6 +646,30 @@ class Driver:
         self.telemetry.observe_sync(seconds)
         log.info("weight version %d on %d rollout actors in %.2f s", sync.version, len(done), seconds)
         return True
+
+    def _generate_done(self, index: int, ref: Any) -> None:
+        """Handle rollout actor ``index``'s finished ``generate_step``.
+
+        Its process gone: :meth:`_actor_died`. Any other exception (vLLM's ``EngineDeadError``, a
+        bug in a reward function's wrapper, ...) leaves an actor in an unknown state: it is
+        restarted like a broken one, counted against ``rollout.max_restarts``, and the run goes on.
+        """
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            self._get(ref, f"rollout actor {index}'s generate_step")
+            self.unavailable_since.pop(index, None)
+        except RayActorError as err:
+            self._actor_died(index, err)
+        except PipelineError:
+            raise
+        except Exception as err:
+            cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
+            text = str(cause).strip().splitlines()
+            self.telemetry.count("rollout_step_errors_total")
+            self._restart_broken(
+                index, f"generate_step raised {type(cause).__name__}" + (f": {text[0]}" if text else "")
+            )
 
     def _count_restart(self, index: int, reason: str) -> None:
         """Count one restart of actor ``index``; past ``rollout.max_restarts`` the run stops."""
@@ -628,52 +723,38 @@ class Driver:
         # its next calls fail while Ray restarts it: that is this restart, not another death
         self.unavailable_since[index] = time.monotonic()
 
+    def _checkpoints(self) -> CheckpointWriter:
+
+        return CheckpointWriter(
+            self.run,
+            save_learner=lambda path: self._learner_call("save_checkpoint", str(path)),
+            ack=lambda ids: self._get(self.buffer.ack.remote(ids), "the buffer's ack"),
+            keep=KEEP_CHECKPOINTS,
+            hook=self.checkpoint_hook,
+        )
+
     def _checkpoint(self) -> None:
-        import pyarrow as pa
-        import ray
-
-        from learner.actor import call_all
-
+        """Checkpoint this step; rows trained since the last one are acked only once it holds their effect."""
         started = time.monotonic()
-        path = self.run.checkpoint(self.step)
-        call_all(self.learners, "save_checkpoint", str(path))
-        saved = time.monotonic()
+        # the metrics rows first: a checkpoint that has driver state has its steps' rows
+        self.metrics_log.flush()
+        acking = sum(len(ids) for ids in self.unacked.values())
         state = {
             "step": self.step,
             "policy_version": self.version,
             "consumed_groups": self.consumed_groups,
-            "rows_acked": self.rows_acked,
+            "rows_acked": self.rows_acked + acking,
             "wall_seconds": self.wall_offset + time.monotonic() - self.t0,
             "probe_entropy": self.last_probe,
         }
-        # rows leased since the last checkpoint are acked only once the checkpoint holds their effect
-        if self.unacked:
-            ids = pa.concat_arrays(self.unacked)
-            result = ray.get(self.buffer.ack.remote(ids))
-            self.rows_acked += len(ids)
-            self.unacked = []
-            log.debug("acked %d rows: %s", len(ids), result)
-        state["rows_acked"] = self.rows_acked
-        write_atomic(path / DRIVER_STATE_FILE, json.dumps(state, indent=1) + "\n")
-        self.metrics_log.flush()
-        self._prune_checkpoints()
+        self.rows_acked += self._checkpoints().write(self.step, state, self.unacked)
+        self.unacked = {}
         log.info(
-            "checkpoint step %d: learner save %.1f s, ack + driver state %.1f s",
+            "checkpoint step %d committed (%d rows acked) in %.1f s",
             self.step,
-            saved - started,
-            time.monotonic() - saved,
+            acking,
+            time.monotonic() - started,
         )
-
-    def _prune_checkpoints(self) -> None:
-        import shutil
-
-        steps = sorted(
-            int(p.name.split("_")[1])
-            for p in self.run.checkpoints.glob("step_*")
-            if p.name.split("_")[1].isdigit() and (p / DRIVER_STATE_FILE).is_file()
-        )
-        for step in steps[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(self.run.checkpoint(step), ignore_errors=True)
 
     # ---- progress -----------------------------------------------------------------------------
 
@@ -703,13 +784,11 @@ class Driver:
     # ---- the end ------------------------------------------------------------------------------
 
     def finish(self) -> TrainResult:
-        import ray
 
         from driftrl.report import write_report
-        from learner.actor import call_all
 
-        call_all(self.learners, "export_pretrained", str(self.run.final_model), self.cfg.model.path)
-        self.buffer_stats = ray.get(self.buffer.stats.remote())
+        self._learner_call("export_pretrained", str(self.run.final_model), self.cfg.model.path)
+        self.buffer_stats = self._get(self.buffer.stats.remote(), "the buffer's stats")
         self.telemetry.record_buffer(self.buffer_stats)
         self.metrics_log.flush()
         summary = write_report(
@@ -734,6 +813,7 @@ class Driver:
             rows_acked_by_driver=self.rows_acked,
             rollout_restarts=self.rollout_restarts,
             sync_failures=self.sync_failures,
+            resumed_from=self.resumed_from.describe() if self.resumed_from else None,
         )
 
     def close(self) -> None:
@@ -751,6 +831,9 @@ class Driver:
                 ray.shutdown()
         if self.server is not None:
             self.server.stop()
+        for step_logger in self.step_loggers:
+            step_logger.close()
+        self.step_loggers = []
 
 
 def train(
@@ -758,6 +841,7 @@ def train(
     resume: str | Path | None = None,
     progress: bool = True,
     on_step: Callable[[Driver, dict[str, float]], None] | None = None,
+    checkpoint_hook: Callable[[str, int], None] | None = None,
 ) -> TrainResult:
     """Run (or resume) one training run; returns where its results are.
 
@@ -767,6 +851,8 @@ def train(
         progress: draw the progress bar.
         on_step: called after every learner step with the driver and the step's metrics row
             (tests use it to inject faults).
+        checkpoint_hook: called with ``(point, step)`` at each point of the checkpoint protocol
+            (driftrl/checkpoints.py; tests crash there).
 
     Raises:
         RunDirInUseError: another run holds the run directory (or the buffer): nothing was touched.
@@ -775,17 +861,19 @@ def train(
     with RunLocks(root, cfg.buffer.uri):
         if resume is not None:
             run = RunDir(root)
-            latest = run.latest_checkpoint()
-            if latest is None:
-                raise ConfigError(
-                    f"{run.root} holds no complete checkpoint to resume from; start a new run instead"
-                )
-            resume_step: int | None = latest[0]
+            if run.latest_checkpoint() is None:
+                raise ConfigError(f"{run.root} holds no checkpoint to resume from; start a new run instead")
         else:
             run = create_run_dir(cfg)
-            resume_step = None
         _log_to(run)
-        driver = Driver(cfg, run, resume_step=resume_step, progress=progress, on_step=on_step)
+        driver = Driver(
+            cfg,
+            run,
+            resume=resume is not None,
+            progress=progress,
+            on_step=on_step,
+            checkpoint_hook=checkpoint_hook,
+        )
         try:
             driver.start()
             driver.loop()
@@ -815,6 +903,8 @@ def _config_for(args: argparse.Namespace) -> tuple[DriftConfig, str | None]:
 
 
 def _print_result(result: TrainResult) -> None:
+    if result.resumed_from:
+        print(result.resumed_from)
     print(result.summary_path.read_text(), end="")
     print(f"run directory: {result.run_dir}   final model: {result.final_model}   ({result.seconds:.0f} s)")
 

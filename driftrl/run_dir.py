@@ -3,7 +3,8 @@
 Layout (DESIGN.md "Run directory")::
 
     runs/<name>/config.yaml            resolved config (written once; a resume checks it)
-    runs/<name>/checkpoints/step_<n>/  learner checkpoint + state.json
+    runs/<name>/checkpoints/step_<n>/  learner checkpoint + state.json, driver.json, commit.json
+    runs/<name>/trained/step_<n>.json  row ids trained since the previous checkpoint (the history)
     runs/<name>/buffer/                Arrow IPC segments + ack log
     runs/<name>/metrics.parquet        one row per learner step
     runs/<name>/report/                PNG plots, summary
@@ -196,7 +197,10 @@ class RunDir:
         return self.checkpoints / f"step_{step}"
 
     def latest_checkpoint(self) -> tuple[int, Path] | None:
-        """The newest complete checkpoint (one whose state.json exists), or None."""
+        """The newest checkpoint holding learner state (state.json), or None: whether a run is here.
+
+        A resume starts from the newest *committed* one instead (driftrl/checkpoints.py).
+        """
         if not self.checkpoints.is_dir():
             return None
         found = []

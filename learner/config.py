@@ -195,6 +195,15 @@ class LearnerConfig(StrictModel):
     )
     max_nan_steps: int = Field(5, ge=1, description="Consecutive non-finite steps before the run stops.")
     sample_timeout_s: float = Field(300.0, gt=0, description="Longest the learner waits for a batch.")
+    step_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        le=86400,
+        description="Deadline of one learner call on every rank (a train step, a probe, a weight publication, "
+        "a checkpoint save or load, the final export), counted from when the driver queued it. A rank that has "
+        "not answered by then hangs: the run ends with an error naming the rank and the step (resume with "
+        "--resume).",
+    )
     clip: ClipConfig = ClipConfig()
     loss: LossConfig = LossConfig()
     critic: CriticConfig | None = Field(

@@ -11,7 +11,8 @@ old (real off-policy data, unlike run.py's simulated lag). Every run starts from
 accuracy (:mod:`tasks.heldout`) of every final model and of the warm start on the first
 ``--heldout`` held-out questions, all models drawing with the same sampling seeds.
 
-Writes ``summary.md``, ``results.json`` and PNGs to ``--out``; the run directories (checkpoints,
+Writes ``summary.md``, ``results.json`` and the ``driftrl compare`` report (``compare.md``, PNGs)
+to ``--out``; the run directories (checkpoints,
 buffers, final models) go to ``--runs-dir`` under the git-ignored ``runs/``. A finished run whose
 stored config equals the one asked for is reused, so an interrupted experiment picks up where it
 stopped.
@@ -401,170 +402,34 @@ def evaluate_models(
 # ---------------------------------------------------------------- plots
 
 
-def _rolling(values: Sequence[float], window: int) -> list[float]:
-    """Trailing mean over up to ``window`` finite values (NaN where none yet)."""
-    out, buf = [], []
-    for v in values:
-        if math.isfinite(v):
-            buf.append(v)
-            buf = buf[-window:]
-        out.append(statistics.fmean(buf) if buf else math.nan)
-    return out
-
-
-def plot(
+def compare_report(
     out: Path,
     runs: Mapping[str, Mapping[int, Mapping[str, Any]]],
-    summary: Mapping[str, Any],
     evals: Mapping[str, Mapping[str, Any]],
     k: int,
-    temperature: float,
     window: int,
 ) -> list[str]:
-    """curves.png, cov.png, masks.png, eval.png, delta_entropy.png; returns their names."""
-    import matplotlib
+    """The ``driftrl compare`` report over the runs (``compare.md`` and its PNGs); returns the PNG names.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Each run's held-out Avg@K / Pass@K is this experiment's own evaluation (same sampling seeds for
+    every model), handed to compare as the run's eval record.
+    """
+    from driftrl.compare import Run, write_comparison
 
-    def band(ax: Any, column: str, smooth: int) -> None:
-        for i, (method, by_seed) in enumerate(runs.items()):
-            series = [_rolling(_column(run["rows"], column), smooth) for run in by_seed.values()]
-            n = min(len(s) for s in series)
-            steps = list(range(1, n + 1))
-            cols = [[s[j] for s in series] for j in range(n)]
-            mean = [statistics.fmean(c) for c in cols]
-            ax.plot(steps, mean, color=f"C{i}", label=METHOD_LABELS[method])
-            ax.fill_between(steps, [min(c) for c in cols], [max(c) for c in cols], color=f"C{i}", alpha=0.15)
-
-    def stacked(file_name: str, panels: Sequence[tuple[str, str]], title: str, zero_line: bool) -> None:
-        fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), sharex=True)
-        for ax, (column, label) in zip(axes, panels, strict=True):
-            band(ax, column, window)
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-            if zero_line:
-                ax.axhline(0, color="grey", lw=0.8)
-        axes[0].legend()
-        axes[-1].set_xlabel("learner step")
-        fig.suptitle(f"{title} ({window}-step trailing mean, mean over seeds; band = min..max over seeds)")
-        fig.tight_layout()
-        fig.savefig(out / file_name, dpi=100)
-        plt.close(fig)
-
-    stacked(
-        "curves.png",
-        [
-            ("entropy_mean", "batch token entropy"),
-            ("probe_entropy", "probe-set token entropy"),
-            ("reward_mean", "batch reward"),
-        ],
-        "entropy and reward",
-        zero_line=False,
-    )
-    stacked(
-        "cov.png",
-        [
-            ("cov_adv_weighted_s_centered", "Cov(A, r·Sc)"),
-            ("predicted_entropy_change_per_unit_step", "predicted ΔH per unit step\n−mean(r·A·Sc)"),
-        ],
-        "batch covariance over training",
-        zero_line=True,
-    )
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    band(axes[0], "clip_dropped_frac", window)
-    axes[0].set_xlabel("learner step")
-    axes[0].set_ylabel("fraction of valid tokens dropped")
-    axes[0].legend()
-    axes[0].grid(alpha=0.3)
-    methods = list(runs)
-    for j, (key, label) in enumerate(
-        (("dropped_frac", "all"), ("dropped_frac_pos_adv", "A > 0"), ("dropped_frac_neg_adv", "A < 0"))
-    ):
-        stats = [summary["by_method"][m][key] for m in methods]
-        axes[1].bar(
-            [i + (j - 1) * 0.27 for i in range(len(methods))],
-            [s["mean"] for s in stats],
-            width=0.27,
-            yerr=[s["std"] for s in stats],
-            label=label,
-        )
-    axes[1].set_xticks(range(len(methods)), [METHOD_LABELS[m] for m in methods])
-    axes[1].set_ylabel("mean over steps (error bar: std over seeds)")
-    axes[1].legend()
-    fig.suptitle("tokens removed from the loss by the entropy clip")
-    fig.tight_layout()
-    fig.savefig(out / "masks.png", dpi=100)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    names = [WARM, *methods]
-    labels = ["warm start", *(METHOD_LABELS[m] for m in methods)]
-    for offset, metric, label in ((-0.2, "avg_at_k", f"Avg@{k}"), (0.2, "pass_at_k", f"Pass@{k}")):
-        values = [[evals[WARM][metric]]] + [[evals[run_name(m, s)][metric] for s in runs[m]] for m in methods]
-        axes[0].bar(
-            [i + offset for i in range(len(names))],
-            [statistics.fmean(v) for v in values],
-            width=0.4,
-            yerr=[statistics.pstdev(v) for v in values],
-            label=label,
-        )
-    axes[0].set_xticks(range(len(names)), labels)
-    axes[0].set_ylabel("held-out (error bar: std over seeds)")
-    axes[0].legend()
-    for i, name in enumerate(names):
-        curves = (
-            [evals[WARM]["pass_at"]]
-            if name == WARM
-            else [evals[run_name(name, s)]["pass_at"] for s in runs[name]]
-        )
-        ks = sorted(int(j) for j in curves[0])
-        axes[1].plot(
-            ks,
-            [statistics.fmean(c[str(j)] for c in curves) for j in ks],
-            marker="o",
-            color="black" if name == WARM else f"C{i - 1}",
-            ls="--" if name == WARM else "-",
-            label=labels[i],
-        )
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_xlabel("k")
-    axes[1].set_ylabel("Pass@k (mean over seeds)")
-    axes[1].legend()
-    axes[1].grid(alpha=0.3)
-    fig.suptitle(
-        f"held-out, {len(evals[WARM]['correct_counts'])} questions, K={k} samples at T={temperature}"
-    )
-    fig.tight_layout()
-    fig.savefig(out / "eval.png", dpi=100)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 4), squeeze=False)
-    for i, (ax, method) in enumerate(zip(axes[0], methods, strict=True)):
-        for seed, run in runs[method].items():
-            pairs = sync_pairs(run["rows"])
-            ax.scatter(
-                [p for p, _ in pairs],
-                [r for _, r in pairs],
-                s=6,
-                alpha=0.5,
-                label=f"seed {seed}",
-                color=f"C{i}",
-                marker="o" if seed == min(runs[method]) else "x",
+    groups = {
+        METHOD_LABELS[method]: [
+            Run(
+                Path(run.get("run_dir", run_name(method, seed))),
+                list(run["rows"]),
+                {},
+                evals={"heldout": {m: evals[run_name(method, seed)][m] for m in ("avg_at_k", "pass_at_k")}},
+                eval_k=k,
             )
-        pooled = summary["pooled_delta_entropy"][method]["pearson_r"]
-        ax.set_title(f"{METHOD_LABELS[method]}: r = {'n/a' if pooled is None else f'{pooled:.3f}'}")
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.axvline(0, color="grey", lw=0.8)
-        ax.set_xlabel("predicted ΔH per unit step")
-        ax.legend()
-    axes[0][0].set_ylabel("realised ΔH on the probe set (nats)")
-    fig.suptitle("entropy change per sync (one sync per step), seeds pooled")
-    fig.tight_layout()
-    fig.savefig(out / "delta_entropy.png", dpi=100)
-    plt.close(fig)
-    return ["curves.png", "cov.png", "masks.png", "eval.png", "delta_entropy.png"]
+            for seed, run in by_seed.items()
+        ]
+        for method, by_seed in runs.items()
+    }
+    return write_comparison(groups, out, window=window).plots
 
 
 # ---------------------------------------------------------------- report
@@ -867,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
             for m, by in runs.items()
         },
     }
-    results["plots"] = plot(out, runs, summary, evals, args.k, args.eval_temperature, args.window)
+    results["plots"] = compare_report(out, runs, evals, args.k, args.window)
     results["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(_jsonable(results), allow_nan=False) + "\n")
     text = summary_markdown(results)

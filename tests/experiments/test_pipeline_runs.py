@@ -10,9 +10,9 @@ import pytest
 from experiments.entropy_dynamics.pipeline_runs import (
     WARM,
     block_sums,
+    compare_report,
     compare_with_baseline,
     method_overrides,
-    plot,
     question_se,
     run_name,
     summarise,
@@ -169,7 +169,7 @@ def test_report_from_synthetic_runs(tmp_path: Path) -> None:
         "summary": summary,
         "evals": evals,
         "runs": runs,
-        "plots": plot(tmp_path, runs, summary, evals, k=8, temperature=0.7, window=2),
+        "plots": compare_report(tmp_path, runs, evals, k=8, window=2),
     }
     text = summary_markdown(results)
     assert "| ClipV | batch entropy (last window) | +0.050 | +0.050 |" in text

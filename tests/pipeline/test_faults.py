@@ -70,7 +70,7 @@ def test_learner_killed_then_resume_finishes_and_acks_every_row_once(tiny_inputs
     with pytest.raises(PipelineError, match="--resume"):
         train(cfg, progress=False, on_step=on_step)
     run_dir = tmp_path / "runs" / "kill-learner"
-    assert (run_dir / "checkpoints" / "step_3" / "driver.json").is_file()
+    assert (run_dir / "checkpoints" / "step_3" / "commit.json").is_file()
 
     result = train(cfg, resume=run_dir, progress=False)
     assert result.steps == 6

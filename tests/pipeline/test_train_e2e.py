@@ -107,10 +107,19 @@ def test_sync_mode_trains_on_policy_only(tiny_inputs, tmp_path):
         "learner.checkpoint_interval=2",
         "learner.groups_per_step=4",
         "rollout.group_size=4",
+        "metrics.loggers=[tensorboard]",
     )
     result = train(cfg, progress=False)
     rows = pq.read_table(result.run_dir / "metrics.parquet").to_pylist()
     assert len(rows) == 4
+    # the driver's logger hook: TensorBoard holds the parquet's rows (float32)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events.Tensors("reward_mean")]
+    assert logged == [(int(r["step"]), pytest.approx(r["reward_mean"], rel=1e-6)) for r in rows]
     assert all(r["staleness_max"] == 0 for r in rows), [r["staleness_max"] for r in rows]
     # on-policy: current and behaviour log-probs agree up to vLLM-vs-transformers numerics
     ratios = [r["ratio_mean"] for r in rows]

@@ -1,0 +1,142 @@
+"""The driver's answers to faults, against stand-in Ray actors (no vLLM, no DeepSpeed): a rollout step
+that raises is a counted restart, a hung learner rank or buffer ends the run within its deadline."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray.exceptions import RayActorError
+
+from driftrl.config import load_config
+from driftrl.pipeline import Driver, PipelineError, start_local_ray
+from driftrl.run_dir import RunDir
+from learner.actor import LearnerGroup
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class EngineDeadError(RuntimeError):
+    """Named after vLLM's: the engine process behind a rollout actor is gone, the actor is not."""
+
+
+class DeadEngineActor:
+    def generate_step(self) -> int:
+        raise EngineDeadError("EngineCore encountered an issue")
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class SleepyProcess:
+    """A learner rank (``call``) or buffer (``stats``) that answers after ``sleep_s``."""
+
+    def __init__(self, sleep_s: float) -> None:
+        self.sleep_s = sleep_s
+
+    def call(self, method: str, *args: object) -> str:
+        time.sleep(self.sleep_s)
+        return method
+
+    def stats(self) -> dict[str, int]:
+        time.sleep(self.sleep_s)
+        return {}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    start_local_ray(2)
+    yield
+    ray.shutdown()
+
+
+def make_driver(tmp_path: Path, *overrides: str) -> Driver:
+    cfg = load_config(REPO_ROOT / "configs" / "tiny-cpu.yaml", [f"run.root_dir={tmp_path}", *overrides])
+    return Driver(cfg, RunDir(tmp_path / "run"), progress=False)
+
+
+def pid_after_restart(actor, old_pid: int, timeout_s: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            pid = ray.get(actor.pid.remote(), timeout=10)
+            if pid != old_pid:
+                return pid
+        except RayActorError:  # still restarting
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the actor did not come back")
+
+
+def test_any_exception_from_a_rollout_step_restarts_the_actor_counted_and_logged(local_ray, tmp_path, caplog):
+    driver = make_driver(tmp_path, "rollout.max_restarts=1")
+    actor = ray.remote(DeadEngineActor).options(max_restarts=1, num_cpus=0).remote()
+    driver.actors = [actor]
+    pid = ray.get(actor.pid.remote())
+    with caplog.at_level(logging.ERROR, logger="driftrl.pipeline"):
+        driver._generate_done(0, actor.generate_step.remote())
+    # the run goes on: one restart, counted, its cause in the log, a new process
+    assert driver.rollout_restarts == 1 and driver.restarts_by_actor == {0: 1}
+    assert driver.telemetry.counters["rollout_step_errors_total"] == 1
+    assert (
+        "rollout actor 0: generate_step raised EngineDeadError: EngineCore encountered an issue"
+        in caplog.text
+    )
+    assert pid_after_restart(actor, pid) != pid
+    # bounded by rollout.max_restarts: the next one ends the run with the cause
+    with pytest.raises(
+        PipelineError, match=r"rollout actor 0: generate_step raised EngineDeadError.*max_restarts=1"
+    ):
+        driver._generate_done(0, actor.generate_step.remote())
+    ray.kill(actor, no_restart=True)
+
+
+def test_a_hung_learner_rank_ends_the_run_naming_rank_and_step_within_the_deadline(local_ray, tmp_path):
+    driver = make_driver(tmp_path, "learner.step_timeout_s=2")
+    ranks = [ray.remote(SleepyProcess).options(num_cpus=0).remote(s) for s in (0.0, 60.0)]
+    driver.learners = LearnerGroup(actors=ranks, placement_group=None)
+    driver.step = 4
+    started = time.monotonic()
+    with pytest.raises(
+        PipelineError, match=r"learner rank 1 did not finish save_checkpoint after step 4 .*--resume"
+    ):
+        driver._learner_call("save_checkpoint", "somewhere")
+    assert 2.0 <= time.monotonic() - started < 5.0
+    # a step in flight since before the deadline: named at once, by the step it trains
+    refs = [r.call.remote("train_step") for r in ranks]
+    ray.get(refs[0], timeout=10)  # rank 0 answered; rank 1 is still asleep
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=r"learner rank 1 did not finish train_step of step 5 within"):
+        driver._learner_get(refs, "train_step of step 5", started=started - 3.0)
+    assert time.monotonic() - started < 1.0
+    for rank in ranks:
+        ray.kill(rank, no_restart=True)
+
+
+def test_a_hung_buffer_call_ends_the_run_within_the_rpc_deadline(local_ray, tmp_path):
+    driver = make_driver(tmp_path, "run.rpc_timeout_s=1")
+    buffer = ray.remote(SleepyProcess).options(num_cpus=0).remote(60.0)
+    started = time.monotonic()
+    with pytest.raises(
+        PipelineError, match=r"the buffer's stats did not answer within run.rpc_timeout_s=1 s"
+    ):
+        driver._get(buffer.stats.remote(), "the buffer's stats")
+    assert time.monotonic() - started < 4.0
+    ray.kill(buffer, no_restart=True)
+
+
+def test_predicted_entropy_change_is_paired_with_the_probe_of_its_own_sync(tmp_path):
+    # no Ray: the driver's bookkeeping when step 2 is handled before step 1's probe answers
+    driver = make_driver(tmp_path)
+    driver.last_probe = 1.0
+    row1 = driver._after_step({"predicted_entropy_change": 0.25})
+    predicted = driver._take_predicted()  # step 1 syncs: its probe is queued
+    driver._after_step({"predicted_entropy_change": -0.5})  # step 2 ends first
+    driver._record_probe(0.75, row1, predicted)  # step 1's probe answers
+    # 0.75 - 1.0 realised against step 1's 0.25 only; step 2's -0.5 waits for the next sync
+    assert (row1["realised_delta_entropy"], row1["predicted_delta_entropy_since_sync"]) == (-0.25, 0.25)
+    assert driver.predicted_since_sync == -0.5
