@@ -59,7 +59,8 @@ def scalar(name: str, help_text: str, key: str, counter: bool = False) -> Export
 
 
 # keys are those of Learner.train_step without the driftrl_learner_ prefix (learner/losses.py
-# METRIC_REDUCTIONS, learner/engine.py LEARNER_METRIC_REDUCTIONS and Learner._host_metrics)
+# METRIC_REDUCTIONS, learner/engine.py LEARNER_METRIC_REDUCTIONS, learner/critic.py
+# CRITIC_METRIC_REDUCTIONS + value_grad_norm under loss.advantage = gae, and Learner._host_metrics)
 LEARNER_EXPORTS: tuple[Export, ...] = (
     scalar(
         "driftrl_entropy",
@@ -196,6 +197,43 @@ LEARNER_EXPORTS: tuple[Export, ...] = (
         "driftrl_learner_zero_variance_group_fraction",
         "Fraction of the step's groups whose rewards were all equal (zero advantage, no signal).",
         "grpo_zero_variance_frac",
+    ),
+    scalar(
+        "driftrl_learner_value_loss",
+        "PPO value loss of the critic on the last step (loss.advantage = gae; absent on a skipped step).",
+        "value_loss",
+    ),
+    scalar(
+        "driftrl_learner_value_clipped_fraction",
+        "Fraction of response tokens whose clipped value term was the larger (no gradient; critic.value_clip).",
+        "value_clipped_frac",
+    ),
+    scalar(
+        "driftrl_learner_value_mean",
+        "Mean critic value V over the response tokens of the last step, before its update.",
+        "value_mean",
+    ),
+    scalar(
+        "driftrl_learner_return_mean",
+        "Mean GAE return (the critic's target) over the response tokens of the last step.",
+        "return_mean",
+    ),
+    scalar(
+        "driftrl_learner_explained_variance",
+        "1 - Var(G - V) / Var(G) of the last step's GAE returns G and the values V they used "
+        "(1 = perfect critic, 0 = a constant, negative = worse; 0 when Var(G) = 0).",
+        "explained_variance",
+    ),
+    Export(
+        "driftrl_learner_advantage",
+        "Mean and std of the last step's GAE advantages over response tokens, before whitening.",
+        ((("mean",), "advantage_mean"), (("std",), "advantage_std")),
+        labels=("moment",),
+    ),
+    scalar(
+        "driftrl_learner_value_grad_norm",
+        "Global gradient norm of the critic's last step (absent when skipped).",
+        "value_grad_norm",
     ),
     scalar("driftrl_learner_reward_mean", "Mean reward of the trained batch.", "reward_mean"),
     scalar(

@@ -21,6 +21,7 @@ from buffers.schema import records_to_table
 from learner.batch import table_to_batch
 from learner.clipping import ClipThresholds
 from learner.config import LearnerConfig
+from learner.critic import CRITIC_METRIC_REDUCTIONS
 from learner.engine import LEARNER_METRIC_REDUCTIONS, Learner, LearnerState
 from learner.losses import METRIC_REDUCTIONS
 from tests.buffers.conftest import group_records
@@ -39,6 +40,7 @@ def train_step_metrics(
     max_staleness: int = 2,
     clip: bool = True,
     grad_norm: float | None = 0.5,
+    critic: bool = False,
 ) -> dict[str, float]:
     """The dict ``Learner.train_step`` would return (``driftrl_learner_*`` keys, floats).
 
@@ -49,6 +51,8 @@ def train_step_metrics(
         max_staleness: the learner's ``max_staleness`` (number of staleness bins).
         clip: include the clip thresholds (a run with an entropy clip method).
         grad_norm: ``None`` = a skipped step (the learner reports NaN).
+        critic: include the critic's metrics (``loss.advantage = gae``: every name of
+            ``learner.critic.CRITIC_METRIC_REDUCTIONS`` and ``value_grad_norm``).
     """
     rng = np.random.default_rng(seed)
     learner = SimpleNamespace(
@@ -59,7 +63,11 @@ def train_step_metrics(
     # distinct values per key so that a key exported under another key's name is caught
     tensors = {
         name: torch.tensor(float(rng.uniform(0.01, 0.99)))
-        for name in [*METRIC_REDUCTIONS, *LEARNER_METRIC_REDUCTIONS]
+        for name in [
+            *METRIC_REDUCTIONS,
+            *LEARNER_METRIC_REDUCTIONS,
+            *(CRITIC_METRIC_REDUCTIONS if critic else ()),
+        ]
     }
     tensors["driftrl_learner_train_tokens"] = batch.response_mask.sum().float()
     tensors.update(Learner._table_metrics(learner, batch))
@@ -79,5 +87,11 @@ def train_step_metrics(
             train_tokens=floats["driftrl_learner_train_tokens"],
         )
     )
-    assert all(math.isfinite(v) for k, v in floats.items() if k != "driftrl_learner_grad_norm")
+    if critic:
+        # train_step adds the critic's grad norm after the host metrics (NaN when skipped)
+        floats["driftrl_learner_value_grad_norm"] = (
+            float(rng.uniform(1.01, 1.99)) if grad_norm is not None else math.nan
+        )
+    nan_when_skipped = ("driftrl_learner_grad_norm", "driftrl_learner_value_grad_norm")
+    assert all(math.isfinite(v) for k, v in floats.items() if k not in nan_when_skipped)
     return floats

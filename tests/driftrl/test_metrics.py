@@ -24,6 +24,17 @@ from tests.driftrl.prometheus_server import PrometheusServer
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "driftrl-dashboard.json"
 P = "driftrl_learner_"
 
+# the critic's, under loss.advantage = gae (learner/critic.py CRITIC_METRIC_REDUCTIONS + value_grad_norm)
+CRITIC_SAMPLES: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {
+    ("driftrl_learner_value_loss", ()): "value_loss",
+    ("driftrl_learner_value_clipped_fraction", ()): "value_clipped_frac",
+    ("driftrl_learner_value_mean", ()): "value_mean",
+    ("driftrl_learner_return_mean", ()): "return_mean",
+    ("driftrl_learner_explained_variance", ()): "explained_variance",
+    ("driftrl_learner_advantage", (("moment", "mean"),)): "advantage_mean",
+    ("driftrl_learner_advantage", (("moment", "std"),)): "advantage_std",
+    ("driftrl_learner_value_grad_norm", ()): "value_grad_norm",
+}
 # the contract with dashboards and alerts: (sample name, labels) -> key of the train_step dict
 LEARNER_SAMPLES: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {
     ("driftrl_entropy", ()): "entropy_mean",
@@ -62,6 +73,7 @@ LEARNER_SAMPLES: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {
     ("driftrl_learner_staleness_max_versions", ()): "staleness_max",
     ("driftrl_learner_train_tokens_per_second", ()): "train_tokens_per_s",
     ("driftrl_learner_zero_variance_group_fraction", ()): "grpo_zero_variance_frac",
+    **CRITIC_SAMPLES,
     ("driftrl_learner_grad_norm", ()): "grad_norm",
     ("driftrl_learner_lr", ()): "lr",
     ("driftrl_learner_step", ()): "step",
@@ -169,7 +181,7 @@ def real_buffer_stats(tmp_path: Path) -> dict:
 def record_everything(telemetry: RunTelemetry, tmp_path: Path) -> tuple[dict[str, float], dict]:
     """One learner step, a probe, one actor, the buffer and a sync, as the driver records them;
     returns the learner's dict and the buffer's stats."""
-    metrics = train_step_metrics(seed=1, policy_version=3, version_starts=[3, 2, 1, 0, 3])
+    metrics = train_step_metrics(seed=1, policy_version=3, version_starts=[3, 2, 1, 0, 3], critic=True)
     telemetry.record_learner(metrics)
     telemetry.record_probe(1.5, -0.25)
     telemetry.record_rollout("0", ROLLOUT_STATS)
@@ -213,6 +225,17 @@ def test_nan_grad_norm_of_a_skipped_step_is_not_exported(server):
     assert ("driftrl_learner_grad_norm", ()) not in samples
     assert samples[("driftrl_learner_step_skipped", ())] == 1.0
     assert samples[("driftrl_learner_skipped_steps_total", ())] == skipped[P + "skipped_steps_total"]
+
+
+def test_critic_metrics_only_with_a_critic_and_not_on_a_skipped_step(server):
+    critic_names = {name for name, _ in CRITIC_SAMPLES}
+    server.telemetry.record_learner(train_step_metrics(seed=5, policy_version=1, version_starts=[1]))
+    assert not critic_names & {name for name, _ in _scrape(server.url)}
+    skipped = train_step_metrics(seed=6, policy_version=1, version_starts=[1], grad_norm=None, critic=True)
+    server.telemetry.record_learner(skipped)
+    samples = _scrape(server.url)
+    assert ("driftrl_learner_value_grad_norm", ()) not in samples
+    assert samples[("driftrl_learner_explained_variance", ())] == skipped[P + "explained_variance"]
 
 
 def test_staleness_histogram_counts_the_learner_bins(server):
