@@ -52,12 +52,17 @@ def response_lengths(
 
 
 def make_table(
-    rng: np.random.Generator, groups: int, group_size: int, lengths: np.ndarray, step: int
+    rng: np.random.Generator,
+    groups: int,
+    group_size: int,
+    lengths: np.ndarray,
+    step: int,
+    vocab_size: int = VOCAB_SIZE,
 ) -> pa.Table:
     """Whole groups of random prompts (8-32 tokens) and responses of the given lengths, schema-valid."""
     records = []
     for g in range(groups):
-        prompt = rng.integers(4, VOCAB_SIZE, size=int(rng.integers(8, 33))).tolist()
+        prompt = rng.integers(4, vocab_size, size=int(rng.integers(8, 33))).tolist()
         for i in range(group_size):
             n = int(lengths[g * group_size + i])
             records.append(
@@ -67,8 +72,8 @@ def make_table(
                     "group_id": f"s{step}-{g}",
                     "group_size": group_size,
                     "prompt_ids": prompt,
-                    "response_ids": rng.integers(4, VOCAB_SIZE, size=n).tolist(),
-                    "behaviour_logprobs": [-math.log(VOCAB_SIZE)] * n,
+                    "response_ids": rng.integers(4, vocab_size, size=n).tolist(),
+                    "behaviour_logprobs": [-math.log(vocab_size)] * n,
                     "temperature": 1.0,
                     "reward": float(rng.random()),
                     "version_start": 0,
