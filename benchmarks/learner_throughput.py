@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sigma", type=float, default=0.8, help="log-normal sigma of response lengths")
     parser.add_argument("--max-length", type=int, default=512, help="longest response (tokens)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="rows per padded micro-batch")
-    parser.add_argument("--token-budget", type=int, default=1024, help="real tokens per packed micro-batch")
+    parser.add_argument("--token-budget", type=int, default=512, help="real tokens per packed micro-batch")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per path (after one warm-up)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
