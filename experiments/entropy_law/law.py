@@ -251,15 +251,24 @@ def run_law(
     linearity: list[dict[str, float]] = []
     skipped = {"sgd": 0, "adam": 0}
     draws = 0
+
+    def next_batch(part: str) -> Batch:
+        """The next sampled batch with a non-zero advantage (the others have no step: counted)."""
+        nonlocal draws
+        while True:
+            if skipped[part] > 10 * max(settings.batches, settings.adam_steps):
+                raise RuntimeError(
+                    f"only {draws - sum(skipped.values())} of {draws} batches had a non-zero advantage"
+                )
+            rows = rng.sample(train_rows, settings.prompts_per_batch)
+            batch = _sample(sampler, model64, tokenizer, rows, settings, settings.seed * 1_000_003 + draws)
+            draws += 1
+            if bool(token_advantages(batch)[0].ne(0).any()):
+                return batch
+            skipped[part] += 1
+
     while len(sgd) < settings.batches:
-        if draws > 10 * settings.batches:
-            raise RuntimeError(f"only {len(sgd)} of {draws} batches had a non-zero advantage")
-        rows = rng.sample(train_rows, settings.prompts_per_batch)
-        batch = _sample(sampler, model64, tokenizer, rows, settings, settings.seed * 1_000_003 + draws)
-        draws += 1
-        if not bool(token_advantages(batch)[0].ne(0).any()):
-            skipped["sgd"] += 1
-            continue
+        batch = next_batch("sgd")
         grads = probe.gradients(batch)
         sgd.append(probe.sgd_point(batch, settings.sgd_lr, grads))
         if len(sgd) <= settings.lr_batches:
@@ -273,12 +282,7 @@ def run_law(
     optimizer = torch.optim.AdamW(probe.params, lr=settings.adam_lr, weight_decay=settings.adam_weight_decay)
     adam: list[dict[str, float]] = []
     while len(adam) < settings.adam_steps:
-        rows = rng.sample(train_rows, settings.prompts_per_batch)
-        batch = _sample(sampler, model64, tokenizer, rows, settings, settings.seed * 1_000_003 + draws)
-        draws += 1
-        if not bool(token_advantages(batch)[0].ne(0).any()):
-            skipped["adam"] += 1
-            continue
+        batch = next_batch("adam")
         grads = probe.gradients(batch)
         before = [p.detach().clone() for p in probe.params]
         for p, g in zip(probe.params, grads["grad_loss"], strict=True):
