@@ -167,7 +167,9 @@ def test_same_batch_realised_entropy_change_equals_a_float64_recomputation(distr
     assert m["driftrl_learner_entropy_mean"] == pytest.approx(h_before, rel=1e-5)
     assert m["driftrl_learner_entropy_mean_after_step"] == pytest.approx(h_after, rel=1e-5)
     assert abs(h_after - h_before) > 1e-3  # lr 1e-3 moves it: the comparison below can fail
-    assert m["driftrl_learner_realised_entropy_change"] == pytest.approx(h_after - h_before, rel=1e-3, abs=1e-6)
+    assert m["driftrl_learner_realised_entropy_change"] == pytest.approx(
+        h_after - h_before, rel=1e-3, abs=1e-6
+    )
     # η_eff = ‖Δθ‖ / ‖g‖ with ‖Δθ‖ over every parameter in float64
     update = math.sqrt(sum(float((after[k].double() - before[k].double()).square().sum()) for k in after))
     assert m["driftrl_learner_update_norm"] == pytest.approx(update, rel=1e-6)
@@ -382,9 +384,23 @@ def test_a_tampered_state_json_cannot_run_code(distributed_env, model_dir, tmp_p
     assert not marker.exists()
 
 
+def _budget_with_an_empty_micro_batch(table: pa.Table) -> int:
+    """The smallest packed token budget whose 2-rank plan gives one rank an empty micro-batch."""
+    from learner.batch import table_to_batch
+    from learner.micro_batches import plan_micro_batches
+
+    batch = table_to_batch(table)
+    lengths = (batch.prompt_lengths + batch.response_lengths).numpy()
+    for budget in range(int(lengths.max()), int(lengths.sum()) + 1):
+        plan = plan_micro_batches(batch.group_index.numpy(), lengths, 2, 3, budget, packed=True)
+        if any(rows.size == 0 for rank in plan for rows in rank):
+            return budget
+    raise AssertionError("no budget leaves a rank with an empty micro-batch")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_ranks_equal_one_rank(distributed_env, model_dir, zero_stage):
+@pytest.mark.parametrize(("zero_stage", "layout"), [(2, "by_count"), (3, "by_count"), (2, "packed_budget")])
+def test_two_ranks_equal_one_rank(distributed_env, model_dir, zero_stage, layout):
     import ray
     from safetensors.torch import load
 
@@ -392,13 +408,16 @@ def test_two_ranks_equal_one_rank(distributed_env, model_dir, zero_stage):
     from learner.actor import call_all, launch_learners
 
     # 3 groups of 4 over 2 ranks: rank 0 gets 8 rows (3 micro-batches of ≤ 3), rank 1 gets 4 rows
-    # (2 micro-batches) plus an empty one, so the ranks still join the same ZeRO collectives
+    # (2 micro-batches) plus an empty one, so the ranks still join the same ZeRO collectives; the
+    # packed case picks a token budget under which one rank's plan has an empty micro-batch too
     table = make_table(model_dir, n_groups=3, seed=20)
     cfg = {
         "clip": ClipConfig(method="clip_b", form="symmetric", mu=1.0),
         "micro_batch_size": 3,
         "adam_eps": 1e-4,
     }
+    if layout == "packed_budget":
+        cfg |= {"packing": True, "max_tokens_per_micro_batch": _budget_with_an_empty_micro_batch(table)}
     single = build(model_dir, **cfg)
     m_single = single.train_step(table)
 
