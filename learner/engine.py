@@ -888,7 +888,13 @@ class Learner:
             masked_mean(entropy_after.double(), valid),
             update_norm,
             scale,
-            scale * predicted_per_unit_step.double(),
+            # a batch whose kept tokens all have A = 0 has no gradient (η_eff undefined): the law's
+            # prediction for it is exactly 0, not unknown
+            torch.where(
+                predicted_per_unit_step.double() == 0,
+                torch.zeros((), dtype=torch.float64),
+                scale * predicted_per_unit_step.double(),
+            ),
             torch.tensor(time.perf_counter() - start, dtype=torch.float64),
         )
         return {f"driftrl_learner_{n}": v for n, v in zip(names, values, strict=True)}
