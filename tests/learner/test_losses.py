@@ -415,3 +415,66 @@ def test_two_data_parallel_ranks_give_the_global_std_and_covariance(tmp_path):
     for name in ("s_star_std", "cov_adv_weighted_s_centered"):
         averaged = sum(c * float(m[f"driftrl_learner_{name}"]) for c, m in zip(counts, local, strict=True)) / sum(counts)
         assert abs(averaged - float(reference[name])) > 0.05, name
+
+
+def _off_policy_batch(n: int = 64, seed: int = 5) -> dict[str, torch.Tensor]:
+    # spread 0.4: many ratios leave (0.8, 1.28), so clipping and dual-clipping both act
+    b = batch(n, seed=seed, spread=0.4)
+    return b
+
+
+@pytest.mark.parametrize("loss_type", ["ppo", "kl_cov"])
+def test_decoupled_loss_with_proximal_equal_to_behaviour_is_the_plain_ppo_loss(loss_type):
+    b = _off_policy_batch()
+    config = PPO.model_copy(update={"type": loss_type, "dual_clip_c": 3.0})
+    plain, m_plain = policy_loss(LossInputs(**b), config)
+    decoupled, m_dec = policy_loss(LossInputs(**b, proximal_logprobs=b["behaviour_logprobs"]), config)
+    assert m_plain["driftrl_learner_clipped_frac"] > 0 or loss_type == "kl_cov"
+    torch.testing.assert_close(decoupled, plain)
+    torch.testing.assert_close(grad_of(decoupled, b["logprobs"]), grad_of(plain, b["logprobs"]))
+    for name, value in m_plain.items():
+        torch.testing.assert_close(m_dec[name], value)
+
+
+def test_decoupled_loss_against_a_float64_reference():
+    gen = torch.Generator().manual_seed(3)
+    b = _off_policy_batch()
+    proximal = b["behaviour_logprobs"] + torch.randn(64, generator=gen) * 0.5
+    config = PPO.model_copy(update={"truncate_is_c": 1.5})
+    loss, metrics = policy_loss(LossInputs(**b, proximal_logprobs=proximal), config)
+    lp, mu, prox, a = (x.detach().double() for x in (b["logprobs"], b["behaviour_logprobs"], proximal, b["advantages"]))
+    r = torch.exp(lp - prox)
+    w = torch.exp(prox - mu)
+    expected = (w.clamp(max=1.5) * torch.maximum(-a * r, -a * r.clamp(0.8, 1.28))).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-7)
+    assert 0 < float(metrics["driftrl_learner_truncated_frac"]) < 1
+    torch.testing.assert_close(metrics["driftrl_learner_truncated_frac"].double(), (w > 1.5).double().mean())
+
+
+def test_unit_advantage_sign_weights_are_grpo_exactly():
+    b = _off_policy_batch()
+    plain, _ = policy_loss(LossInputs(**b), PPO)
+    unit, _ = policy_loss(LossInputs(**b), PPO.model_copy(update={"pos_adv_weight": 1.0, "neg_adv_weight": 1.0}))
+    passed, _ = policy_loss(LossInputs(**b), PPO, sign_weights=(1.0, 1.0))
+    assert float(unit.detach()) == float(plain.detach()) == float(passed.detach())
+    assert torch.equal(grad_of(unit, b["logprobs"]), grad_of(plain, b["logprobs"]))
+
+
+@pytest.mark.parametrize("loss_type", ["ppo", "clip_cov", "kl_cov"])
+def test_advantage_sign_weights_against_a_float64_reference(loss_type):
+    b = _off_policy_batch()
+    b["advantages"][:4] = 0.0  # A = 0 tokens keep weight 1 (they add nothing either way)
+    config = PPO.model_copy(
+        update={"type": loss_type, "pos_adv_weight": 2.0, "neg_adv_weight": 0.25, "kl_cov_coef": 0.0}
+    )
+    loss, _ = policy_loss(LossInputs(**b), config, generator=torch.Generator().manual_seed(0))
+    lp, mu, a = (x.detach().double() for x in (b["logprobs"], b["behaviour_logprobs"], b["advantages"]))
+    r = torch.exp(lp - mu)
+    surrogate = -a * r if loss_type == "kl_cov" else torch.maximum(-a * r, -a * r.clamp(0.8, 1.28))
+    weight = torch.where(a > 0, 2.0, torch.where(a < 0, 0.25, 1.0)).double()
+    # Clip-Cov detaches a few tokens: their value is unchanged, so the loss value still matches
+    torch.testing.assert_close(loss.double(), (weight * surrogate).mean(), rtol=1e-6, atol=1e-7)
+    # zero weight for A < 0: those tokens get no gradient
+    only_pos, _ = policy_loss(LossInputs(**b), config, sign_weights=(2.0, 0.0))
+    g = grad_of(only_pos, b["logprobs"])
+    assert bool((g[b["advantages"] < 0] == 0).all()) and bool((g[b["advantages"] > 0] != 0).any())
