@@ -478,3 +478,40 @@ def test_advantage_sign_weights_against_a_float64_reference(loss_type):
     only_pos, _ = policy_loss(LossInputs(**b), config, sign_weights=(2.0, 0.0))
     g = grad_of(only_pos, b["logprobs"])
     assert bool((g[b["advantages"] < 0] == 0).all()) and bool((g[b["advantages"] > 0] != 0).any())
+
+
+def test_importance_keep_mask_by_hand():
+    from learner.losses import importance_keep_mask
+
+    # log r per token; responses 0 = tokens 0-2, 1 = tokens 3-4, 2 = token 5 (padding, not valid)
+    log_r = t(0.0, math.log(3.0), -0.1, math.log(0.4), math.log(1.5), 9.0)
+    valid = torch.tensor([True, True, True, True, True, False])
+    seq = torch.tensor([0, 0, 0, 1, 1, 2])
+    token = importance_keep_mask(log_r, valid, seq, "token", 0.5, 2.0)
+    # r = 1, 3, 0.905, 0.4, 1.5: 3 > 2 and 0.4 < 0.5 drop; padding is never kept
+    assert token.tolist() == [True, False, True, False, True, False]
+    # geometric means: response 0 exp((0 + 1.0986 - 0.1)/3) = 1.395 kept; response 1
+    # exp((-0.9163 + 0.4055)/2) = 0.775 kept at low 0.5, dropped at low 0.8
+    assert importance_keep_mask(log_r, valid, seq, "sequence", 0.5, 2.0).tolist() == [True] * 5 + [False]
+    assert importance_keep_mask(log_r, valid, seq, "sequence", 0.8, 2.0).tolist() == [True] * 3 + [False] * 3
+    # a non-finite log ratio drops its token, or its whole response
+    bad = log_r.clone()
+    bad[1] = float("nan")
+    assert importance_keep_mask(bad, valid, seq, "token", 0.5, 4.0).tolist()[:3] == [True, False, True]
+    assert importance_keep_mask(bad, valid, seq, "sequence", 0.5, 4.0).tolist()[:3] == [False] * 3
+
+
+def test_mismatch_kl_is_the_k3_estimate_and_converges_to_the_true_kl():
+    from learner.losses import mismatch_kl
+
+    # by hand: log r = log 2 -> r - 1 - log r = 1 - 0.693147 = 0.306853; log r = 0 -> 0; mean 0.153426
+    value = mismatch_kl(t(math.log(2.0), -1.0, 5.0), t(0.0, -1.0, 0.0), torch.tensor([True, True, False]))
+    torch.testing.assert_close(value, torch.tensor((1 - math.log(2.0)) / 2))
+    # tokens sampled from mu: the estimate approaches KL(mu || pi) of the two distributions
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.softmax(torch.randn(6, generator=gen, dtype=torch.float64), -1)
+    pi = torch.softmax(torch.randn(6, generator=gen, dtype=torch.float64), -1)
+    tokens = torch.multinomial(mu, 200_000, replacement=True, generator=gen)
+    estimate = mismatch_kl(pi.log()[tokens].float(), mu.log()[tokens].float(), torch.ones_like(tokens, dtype=torch.bool))
+    exact = float((mu * (mu.log() - pi.log())).sum())
+    assert float(estimate) == pytest.approx(exact, rel=0.02)
