@@ -9,7 +9,9 @@ from learner.entropy_control import EntropyController
 
 
 def test_pi_control_moves_the_weights_with_the_error_and_clamps_them():
-    cfg = EntropyControlConfig(target_entropy=2.0, kp=0.5, ki=0.25, integral_limit=1.5, weight_min=0.1, weight_max=1.8)
+    cfg = EntropyControlConfig(
+        target_entropy=2.0, kp=0.5, ki=0.25, integral_limit=1.5, weight_min=0.1, weight_max=1.8
+    )
     ctl = EntropyController(cfg, (1.0, 1.0))
     assert ctl.weights() == (1.0, 1.0)
     # entropy 1.6 < target: e = 0.4, I = 0.4, u = 0.2 + 0.1 = 0.3 -> w+ 0.7, w- 1.3 (raise entropy)

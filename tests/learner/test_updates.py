@@ -76,7 +76,10 @@ def test_mini_batches_and_epochs_are_the_updates_of_separate_steps_on_the_halves
     expected = [separate.train_step(h) for h in (*halves, *halves)]
     assert len(updates) == 4
     assert [(u["driftrl_learner_epoch"], u["driftrl_learner_mini_batch"]) for u in updates] == [
-        (0, 0), (0, 1), (1, 0), (1, 1)
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
     ]
     assert [u["driftrl_learner_optimizer_step"] for u in updates] == [1, 2, 3, 4]
     assert {u["driftrl_learner_step"] for u in updates} == {1.0}
@@ -184,17 +187,28 @@ def test_masked_importance_sampling_drops_the_out_of_range_tokens(distributed_en
     # ratios exp(±0.3) straddle [0.8, 1.25]
     table = make_table(model_dir, seed=35)
     rng = np.random.default_rng(0)
-    noisy = [[v + 0.3 * rng.standard_normal() for v in row] for row in table.column("behaviour_logprobs").to_pylist()]
+    noisy = [
+        [v + 0.3 * rng.standard_normal() for v in row]
+        for row in table.column("behaviour_logprobs").to_pylist()
+    ]
     index = table.schema.get_field_index("behaviour_logprobs")
-    table = table.set_column(index, table.schema.field(index), pa.array(noisy, type=table.schema.field(index).type))
+    table = table.set_column(
+        index, table.schema.field(index), pa.array(noisy, type=table.schema.field(index).type)
+    )
     plain = build(model_dir).train_step(table)
-    token = build(model_dir, loss=LossConfig(is_mask="token", is_mask_low=0.8, is_mask_high=1.25)).train_step(table)
-    seq = build(model_dir, loss=LossConfig(is_mask="sequence", is_mask_low=0.8, is_mask_high=1.25)).train_step(table)
+    token = build(model_dir, loss=LossConfig(is_mask="token", is_mask_low=0.8, is_mask_high=1.25)).train_step(
+        table
+    )
+    seq = build(
+        model_dir, loss=LossConfig(is_mask="sequence", is_mask_low=0.8, is_mask_high=1.25)
+    ).train_step(table)
     assert plain["driftrl_learner_is_masked_frac"] == 0.0
     assert plain["driftrl_learner_mismatch_kl"] > 1e-3
     for m in (token, seq):
         assert 0 < m["driftrl_learner_is_masked_frac"] < 1
-        assert m["driftrl_learner_mismatch_kl"] == pytest.approx(plain["driftrl_learner_mismatch_kl"], rel=1e-6)
+        assert m["driftrl_learner_mismatch_kl"] == pytest.approx(
+            plain["driftrl_learner_mismatch_kl"], rel=1e-6
+        )
         # masked tokens leave the loss: the loss-token count is what is left
         assert m["driftrl_learner_loss_tokens"] == pytest.approx(
             plain["driftrl_learner_train_tokens"] * (1 - m["driftrl_learner_is_masked_frac"]), abs=1e-3
@@ -212,7 +226,9 @@ def test_fresh_rows_have_near_zero_mismatch_kl(distributed_env, model_dir):
 def test_entropy_controller_state_is_checkpointed_and_resumed(distributed_env, model_dir, tmp_path):
     from learner.config import EntropyControlConfig, LossConfig
 
-    loss = LossConfig(entropy_control=EntropyControlConfig(target_entropy=1.0, kp=0.5, ki=0.2, weight_max=3.0))
+    loss = LossConfig(
+        entropy_control=EntropyControlConfig(target_entropy=1.0, kp=0.5, ki=0.2, weight_max=3.0)
+    )
     tables = [make_table(model_dir, seed=40 + i) for i in range(3)]
     first = build(model_dir, loss=loss)
     metrics = [first.train_step(t) for t in tables[:2]]
@@ -229,7 +245,9 @@ def test_entropy_controller_state_is_checkpointed_and_resumed(distributed_env, m
     resumed = build(model_dir, loss=loss)
     resumed.load_checkpoint(saved)
     assert resumed.controller.state_dict() == {
-        "error": pytest.approx(e[1]), "integral": pytest.approx(e[0] + e[1]), "observations": 2
+        "error": pytest.approx(e[1]),
+        "integral": pytest.approx(e[0] + e[1]),
+        "observations": 2,
     }
     r3 = resumed.train_step(tables[2])
     assert r3["driftrl_learner_pos_adv_weight"] == m3["driftrl_learner_pos_adv_weight"]
@@ -286,7 +304,9 @@ def entropy_run(model_dir, steps: int, loss) -> list[float]:
     entropy = []
     for step in range(steps):
         model.load_state_dict(params(learner))
-        entropy.append(learner.train_step(sampled_table(model, seed=100 + step))["driftrl_learner_entropy_mean"])
+        entropy.append(
+            learner.train_step(sampled_table(model, seed=100 + step))["driftrl_learner_entropy_mean"]
+        )
     return entropy
 
 
