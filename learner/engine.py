@@ -1095,7 +1095,13 @@ class Learner:
         ratio = torch.cat([p.ratio for p in passes])
         ratio = torch.where(torch.isfinite(ratio), ratio, 0.0)
         metrics = entropy_metrics(
-            stats, torch.cat([mb.advantages for mb in mbs]), valid, ratio, keep, sum_all_reduce=_sum_over_ranks
+            stats,
+            torch.cat([mb.advantages for mb in mbs]),
+            valid,
+            ratio,
+            keep,
+            sum_all_reduce=_sum_over_ranks,
+            trained_mask=None if agreed.importance_masks[0] is None else torch.cat(agreed.loss_masks),
         )
         metrics.update(self._merge_micro_batch_metrics(loss_metrics))
         metrics["driftrl_learner_grpo_zero_variance_frac"] = zero_variance_frac

@@ -429,6 +429,7 @@ def entropy_metrics(
     ratio: Tensor | None = None,
     keep_mask: Tensor | None = None,
     sum_all_reduce: SumAllReduce | None = None,
+    trained_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Entropy-dynamics metrics of one step (ALGORITHM.md §3 and §5), 0-d detached float64 tensors.
 
@@ -452,13 +453,16 @@ def entropy_metrics(
         ratio: ``[N]`` importance ratio (detached), ``None`` = 1.
         keep_mask: ``[N]`` bool entropy-clipping mask, ``None`` = nothing dropped.
         sum_all_reduce: sums a vector over the data-parallel ranks; ``None`` = one rank.
+        trained_mask: ``[N]`` bool, the tokens the loss trains on when more than the clip mask
+            drops tokens (masked importance sampling); ``None`` = ``keep_mask``. The prediction
+            sums over these; the dropped fractions stay the clip mask's.
     """
     advantages = torch.where(valid, advantages.detach().float(), 0.0)
     r = torch.ones_like(advantages) if ratio is None else torch.where(valid, ratio.detach().float(), 0.0)
     s_centered = torch.where(valid, stats.s_centered.detach(), 0.0)
     weighted = r * s_centered
     dropped = valid & ~keep_mask if keep_mask is not None else torch.zeros_like(valid)
-    kept = valid & ~dropped
+    kept = valid & ~dropped if trained_mask is None else valid & trained_mask
     pos, neg = advantages > 0, advantages < 0
     # fractions over a subset are ratios of two global means, so each is exact over T_B
     columns = {

@@ -515,3 +515,20 @@ def test_mismatch_kl_is_the_k3_estimate_and_converges_to_the_true_kl():
     estimate = mismatch_kl(pi.log()[tokens].float(), mu.log()[tokens].float(), torch.ones_like(tokens, dtype=torch.bool))
     exact = float((mu * (mu.log() - pi.log())).sum())
     assert float(estimate) == pytest.approx(exact, rel=0.02)
+
+
+def test_entropy_prediction_sums_over_the_trained_tokens_and_fractions_stay_the_clip_masks():
+    stats, advantages, valid, ratio, keep = _score_batch(64, seed=9)
+    trained = keep & (torch.rand(64, generator=torch.Generator().manual_seed(1)) > 0.3)
+    clip_only = entropy_metrics(stats, advantages, valid, ratio, keep)
+    as_trained = entropy_metrics(stats, advantages, valid, ratio, trained)
+    both = entropy_metrics(stats, advantages, valid, ratio, keep, trained_mask=trained)
+    name = "driftrl_learner_predicted_entropy_change_per_unit_step"
+    # float64 reference: -sum over trained valid tokens of r·A·Sc / their count
+    sc = (stats.s_star - stats.s_expect).double()
+    t_mask = valid & trained
+    expected = -(ratio.double() * advantages.double() * sc)[t_mask].sum() / t_mask.sum()
+    torch.testing.assert_close(both[name].double(), expected)
+    torch.testing.assert_close(both[name], as_trained[name])
+    assert both[name] != clip_only[name]
+    assert both["driftrl_learner_clip_dropped_frac"] == clip_only["driftrl_learner_clip_dropped_frac"]
