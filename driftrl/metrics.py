@@ -174,6 +174,30 @@ LEARNER_EXPORTS: tuple[Export, ...] = (
         "Fraction of loss tokens whose importance weight was truncated at C.",
         "truncated_frac",
     ),
+    scalar(
+        "driftrl_learner_mismatch_kl",
+        "k3 estimate of KL(behaviour || learner) over the last step's tokens, from the recomputed log-probs: "
+        "rollout-engine vs learner mismatch on fresh rows, plus policy lag on stale ones (nats).",
+        "mismatch_kl",
+    ),
+    scalar(
+        "driftrl_learner_is_masked_fraction",
+        "Fraction of valid tokens dropped by masked importance sampling (learner.loss.is_mask) in the last step.",
+        "is_masked_frac",
+    ),
+    Export(
+        "driftrl_learner_adv_sign_weight",
+        "Weight of the surrogate of tokens with A > 0 (pos) and A < 0 (neg) in the last step; moved by the "
+        "entropy controller when learner.loss.entropy_control is set.",
+        ((("pos",), "pos_adv_weight"), (("neg",), "neg_adv_weight")),
+        labels=("sign",),
+    ),
+    Export(
+        "driftrl_learner_entropy_control",
+        "Entropy PI controller after the last step: error = target - batch entropy (nats) and its clamped sum.",
+        ((("error",), "entropy_control_error"), (("integral",), "entropy_control_integral")),
+        labels=("term",),
+    ),
     scalar("driftrl_learner_loss", "Total loss of the last step.", "loss"),
     scalar("driftrl_learner_pg_loss", "Policy-gradient part of the last step's loss.", "pg_loss"),
     scalar(
@@ -276,7 +300,12 @@ LEARNER_EXPORTS: tuple[Export, ...] = (
         "skipped_steps_total",
         counter=True,
     ),
-    scalar("driftrl_learner_step", "Optimizer steps taken, skipped ones included.", "step"),
+    scalar("driftrl_learner_step", "Learner steps (sampled batches) taken.", "step"),
+    scalar(
+        "driftrl_learner_optimizer_step",
+        "Optimizer steps taken, skipped ones included (learner.mini_batches x learner.epochs per learner step).",
+        "optimizer_step",
+    ),
     scalar("driftrl_policy_version", "Version of the weights the learner last published.", "policy_version"),
 )
 PROBE_EXPORTS: tuple[Export, ...] = (

@@ -81,6 +81,27 @@ class ClipConfig(StrictModel):
         return {**data, **values}
 
 
+class EntropyControlConfig(StrictModel):
+    """EntroPIC-style PI controller of the advantage-sign weights (:mod:`learner.entropy_control`)."""
+
+    target_entropy: float = Field(
+        ..., ge=0, le=100, description="Target mean token entropy of the training batch (nats)."
+    )
+    kp: float = Field(1.0, ge=0, le=1e3, description="Proportional gain on e = target - batch entropy (per nat).")
+    ki: float = Field(0.1, ge=0, le=1e3, description="Integral gain on the running sum of e.")
+    integral_limit: float = Field(
+        10.0, gt=0, le=1e6, description="Anti-windup: the running sum of e is clamped to +-this (nat-steps)."
+    )
+    weight_min: float = Field(0.0, ge=0, le=100, description="Lower bound of w+ and w-.")
+    weight_max: float = Field(2.0, ge=0, le=100, description="Upper bound of w+ and w-.")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> EntropyControlConfig:
+        if self.weight_min > self.weight_max:
+            raise ValueError(f"weight_min={self.weight_min} > weight_max={self.weight_max}")
+        return self
+
+
 class LossConfig(StrictModel):
     """Policy-gradient surrogate and its baselines (ALGORITHM.md §4)."""
 
@@ -95,11 +116,51 @@ class LossConfig(StrictModel):
     clip_eps_low: float = Field(0.2, ge=0, lt=1, description="PPO lower clip: ratio >= 1 - eps_low.")
     clip_eps_high: float = Field(0.28, ge=0, description="PPO upper clip (clip-higher).")
     dual_clip_c: float | None = Field(None, gt=1, description="Dual-clip bound for A < 0, None = off.")
-    truncate_is_c: float | None = Field(None, gt=0, description="Truncated importance weight min(r, C).")
+    truncate_is_c: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description="Truncated importance weight min(r, C): of the ratio pi/behaviour, or with proximal=learner "
+        "of the detached weight exp(proximal - behaviour).",
+    )
+    entropy_control: EntropyControlConfig | None = Field(
+        None,
+        description="PI control of w+/w- towards a target batch entropy (EntroPIC); each optimizer step "
+        "observes its mini-batch's global entropy before its loss pass; the state is checkpointed. None = off.",
+    )
+    is_mask: Literal["none", "token", "sequence"] = Field(
+        "none",
+        description="Masked importance sampling (beside truncate_is_c): drop tokens (token) or whole responses "
+        "(sequence, geometric-mean ratio) whose ratio learner/behaviour leaves [is_mask_low, is_mask_high] "
+        "(with proximal=learner: proximal/behaviour); dropped tokens leave the loss and its denominator.",
+    )
+    is_mask_low: float = Field(0.5, gt=0, le=1, description="Masked IS: smallest accepted ratio.")
+    is_mask_high: float = Field(2.0, ge=1, le=1e6, description="Masked IS: largest accepted ratio.")
+    proximal: Literal["behaviour", "learner"] = Field(
+        "behaviour",
+        description="PPO ratio reference. behaviour = pi/behaviour (plain PPO); learner = decoupled PPO "
+        "(Hilton et al. 2022; AReaL): the proximal log-probs are the learner's own at the start of the "
+        "learner step (one no-grad forward, reused across its mini-batches and epochs), the ratio "
+        "pi/proximal is clipped and exp(proximal - behaviour) is a detached importance weight "
+        "(truncated by truncate_is_c). Equals behaviour on fresh rows with one update per batch.",
+    )
     aggregation: Literal["token_mean", "seq_mean_token_mean"] = Field(
         "token_mean", description="Loss reduction."
     )
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (baseline).")
+    pos_adv_weight: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="w+: weight of the surrogate of tokens with A > 0 (after clipping; 1 = GRPO/PPO). "
+        "The entropy controller, when on, moves it from this value.",
+    )
+    neg_adv_weight: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="w-: weight of the surrogate of tokens with A < 0 (after clipping; 1 = GRPO/PPO).",
+    )
     cov_clip_frac: float = Field(2e-4, gt=0, le=1, description="Clip-Cov: fraction of tokens detached.")
     cov_clip_low: float = Field(
         1.0, description="Clip-Cov: lower bound of the covariance band (paper ω_low)."
@@ -149,8 +210,10 @@ class LearnerConfig(StrictModel):
         1e-8, gt=0, description="AdamW epsilon; the first update of a gradient entry g is lr·g/(|g| + eps)."
     )
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
-    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps.")
-    total_steps: int = Field(100, ge=1, description="Optimizer steps of the run.")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up, in optimizer steps.")
+    total_steps: int = Field(
+        100, ge=1, description="Learner steps (sampled batches) of the run; each makes mini_batches x epochs updates."
+    )
     groups_per_step: int = Field(8, ge=1, description="Prompt groups in one optimisation batch.")
     micro_batch_size: int = Field(
         16,
@@ -170,9 +233,34 @@ class LearnerConfig(StrictModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute decoder-layer activations in backward (long sequences, less memory)."
     )
-    max_staleness: int = Field(2, ge=0, description="Most policy versions a row may lag the learner.")
-    sync_interval: int = Field(1, ge=1, description="Optimizer steps between weight publications.")
-    checkpoint_interval: int = Field(10, ge=1, description="Optimizer steps between checkpoints (and acks).")
+    mini_batches: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Optimizer steps per pass over a sampled batch (verl ppo_mini_batch_size = groups_per_step / "
+        "mini_batches groups; OpenRLHF mini-batches): the groups are split into this many contiguous "
+        "mini-batches of whole groups, each with its own ClipB/ClipV thresholds and loss denominator "
+        "(global over its micro-batches and ranks); must divide groups_per_step. 1 = one update per batch.",
+    )
+    epochs: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Passes over each sampled batch (verl ppo_epochs, OpenRLHF max_epochs), in the same "
+        "mini-batch order each time: mini_batches x epochs optimizer steps per learner step.",
+    )
+    max_staleness: int = Field(
+        2,
+        ge=0,
+        description="Most policy versions a row may lag the learner. A version is one weight publication, at "
+        "most one per learner step (sampled batch), however many optimizer steps that batch made.",
+    )
+    sync_interval: int = Field(
+        1, ge=1, description="Learner steps (sampled batches, not optimizer steps) between weight publications."
+    )
+    checkpoint_interval: int = Field(
+        10, ge=1, description="Learner steps (sampled batches) between checkpoints (and acks)."
+    )
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32 on CPU, bf16 on GPUs.")
     data_parallel_size: int = Field(1, ge=1, description="Learner ranks (one Ray actor each).")
@@ -183,7 +271,7 @@ class LearnerConfig(StrictModel):
         10,
         ge=0,
         description=(
-            "Every K learner steps (step % K == 0; 0 = never) re-run a no-grad forward on the step's own "
+            "Every K optimizer steps (optimizer_step % K == 0; 0 = never) re-run a no-grad forward on the step's own "
             "micro-batches right after the optimizer step (same tokens, same temperature): "
             "realised_entropy_change = mean token entropy after - before, beside predicted_entropy_change = "
             "eta_eff * predicted_entropy_change_per_unit_step, where the per-unit prediction is "
@@ -209,6 +297,15 @@ class LearnerConfig(StrictModel):
     critic: CriticConfig | None = Field(
         None, description="Value model and GAE settings: required when loss.advantage=gae, refused otherwise."
     )
+
+    @model_validator(mode="after")
+    def _mini_batches_divide_the_batch(self) -> LearnerConfig:
+        if self.groups_per_step % self.mini_batches:
+            raise ValueError(
+                f"learner.mini_batches={self.mini_batches} must divide learner.groups_per_step={self.groups_per_step} "
+                "(every mini-batch holds the same number of whole groups)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _critic_matches_advantage(self) -> LearnerConfig:

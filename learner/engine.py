@@ -1,18 +1,21 @@
-"""The DeepSpeed learner: one optimisation step over a sampled table of whole groups (DESIGN.md).
+"""The DeepSpeed learner: optimisation steps over a sampled table of whole groups (DESIGN.md).
 
 :class:`Learner` is a plain class (tests build it directly, one per process); ``launch_learners`` in
-:mod:`learner.actor` puts one per Ray actor. Per :meth:`Learner.train_step`:
+:mod:`learner.actor` puts one per Ray actor. Per :meth:`Learner.train_updates` (one learner step):
 
 1. the Arrow table becomes padded tensors (:func:`learner.batch.table_to_batch`); GRPO advantages
-   are computed over every complete group of the table; rank ``r`` takes its contiguous slice of
-   the groups and splits it into micro-batches (every rank runs the same number of them, padding
-   with empty ones, because ZeRO's reductions are collectives);
-2. a no-grad pass gives per-token statistics and importance ratios; their clip moments, the loss
-   denominator and the count of non-finite tokens are reduced across micro-batches and ranks,
-   so the ClipB/ClipV thresholds and the token-mean denominator are those of the global batch;
+   are computed over every complete group of the table; the groups are split into
+   ``mini_batches`` mini-batches (verl's ``ppo_mini_batch_size``, OpenRLHF's mini-batches), and
+   in each rank ``r`` takes its contiguous slice of the groups and splits it into micro-batches
+   (every rank runs the same number of them, padding with empty ones, because ZeRO's reductions
+   are collectives);
+2. per mini-batch, ``epochs`` times over the table: a no-grad pass gives per-token statistics and
+   importance ratios; their clip moments, the loss denominator and the count of non-finite
+   tokens are reduced across the mini-batch's micro-batches and ranks, so the ClipB/ClipV
+   thresholds and the token-mean denominator are those of the global mini-batch;
 3. a loss pass per micro-batch with the keep-masks, backward, one ``engine.step()``;
-4. metrics as one dict of tensors, reduced across ranks with their stated reduction, one host
-   sync.
+4. metrics of that optimizer step as one dict of tensors, reduced across ranks with their stated
+   reduction, one host sync.
 
 A step whose forward or gradients are non-finite is skipped (no update, counted); more than
 ``max_nan_steps`` in a row raises :class:`NonFiniteStepError`.
@@ -51,6 +54,7 @@ from learner.clipping import (
 from learner.config import LearnerConfig
 from learner.critic import CRITIC_METRIC_REDUCTIONS, Critic
 from learner.entropy import TokenStats, entropy_step_scale, token_stats_from_hidden
+from learner.entropy_control import EntropyController
 from learner.gae import advantage_moments, gae_advantages_flat, summarise_moments, whiten
 from learner.losses import (
     METRIC_REDUCTIONS,
@@ -58,8 +62,10 @@ from learner.losses import (
     Reduction,
     entropy_metrics,
     grpo_advantages,
+    importance_keep_mask,
     loss_denominator,
     masked_mean,
+    mismatch_kl,
     policy_loss,
 )
 from learner.micro_batches import plan_micro_batches
@@ -212,6 +218,8 @@ class MicroBatch:
         seq_index: ``[N]`` int64, the response of each token, compacted to ``< N``.
         rewards: ``[N]`` float32, each token's response reward (GAE puts it at the last token).
         sequence_ids: ``[1, T]`` int64 sequence of each token when the rows are packed, else None.
+        proximal_logprobs: ``[N]`` float32, decoupled PPO's proximal policy (the learner's own
+            log-probs at the start of the learner step), else None.
     """
 
     input_ids: Tensor
@@ -224,6 +232,7 @@ class MicroBatch:
     seq_index: Tensor
     rewards: Tensor
     sequence_ids: Tensor | None = None
+    proximal_logprobs: Tensor | None = None
 
     @property
     def valid(self) -> Tensor:
@@ -246,14 +255,21 @@ class TokenPass:
 
 @dataclass
 class GlobalStats:
-    """What every rank agrees on before the loss pass."""
+    """What every rank agrees on before the loss pass.
+
+    Per micro-batch: ``keep_masks`` of the entropy clip, ``importance_masks`` of masked importance
+    sampling, ``loss_masks`` = both (None = keep every token).
+    """
 
     thresholds: ClipThresholds | None
     keep_masks: list[Tensor | None]
+    importance_masks: list[Tensor | None]
+    loss_masks: list[Tensor | None]
     denominator: Tensor
     train_tokens: Tensor
     nonfinite_tokens: Tensor
     skip: bool
+    entropy_mean: Tensor
 
 
 @dataclass
@@ -268,9 +284,16 @@ class ValueTargets:
 
 @dataclass
 class LearnerState:
-    """Host-side counters, saved in ``state.json``."""
+    """Host-side counters, saved in ``state.json``.
+
+    ``step`` counts learner steps (sampled tables, what ``total_steps``, ``sync_interval`` and
+    ``checkpoint_interval`` count); ``optimizer_step`` counts updates (``mini_batches × epochs``
+    per table; what ``warmup_steps`` and ``realised_entropy_interval`` count); ``skipped_steps``
+    and ``consecutive_skipped`` count optimizer steps.
+    """
 
     step: int = 0
+    optimizer_step: int = 0
     policy_version: int = 0
     skipped_steps: int = 0
     consecutive_skipped: int = 0
@@ -470,6 +493,12 @@ class Learner:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, LinearWarmup(cfg.warmup_steps)),
         )
         self.device = self.engine.device
+        control = cfg.loss.entropy_control
+        self.controller = (
+            None
+            if control is None
+            else EntropyController(control, (cfg.loss.pos_adv_weight, cfg.loss.neg_adv_weight))
+        )
         self.critic: Critic | None = None
         if cfg.critic is not None:
             critic_optim = {
@@ -504,37 +533,100 @@ class Learner:
     # ---- step ---------------------------------------------------------------------------------
 
     def train_step(self, table: pa.Table) -> dict[str, float]:
-        """One optimizer step on a table of whole groups; every rank passes the same table.
+        """One learner step on a table of whole groups: the metrics of its last optimizer step.
+
+        :meth:`train_updates` does the work and returns every optimizer step's metrics; with
+        ``mini_batches = epochs = 1`` (the default) there is exactly one.
+        """
+        return self.train_updates(table)[-1]
+
+    def train_updates(self, table: pa.Table) -> list[dict[str, float]]:
+        """One learner step (one sampled batch): ``epochs`` passes over ``mini_batches`` mini-batches,
+        one optimizer step per mini-batch; every rank passes the same table.
+
+        Advantages (GRPO over the whole table, or GAE from the critic before any update) and, for
+        decoupled PPO, the proximal log-probs are computed once per table. Each optimizer step
+        then runs its own statistics pass, so its ClipB/ClipV thresholds and loss denominator are
+        the global statistics of its own mini-batch under the current weights. The policy version
+        counts sampled batches, not optimizer steps: every update of a table sees the same
+        staleness, and the driver publishes at most once per table.
 
         Returns:
-            ``driftrl_learner_*`` metrics as floats, identical on every rank except the clip
-            thresholds (rank-local copies, equal by construction): the :func:`policy_loss` and
-            :func:`entropy_metrics` names of :data:`learner.losses.METRIC_REDUCTIONS`, those of
-            :data:`LEARNER_METRIC_REDUCTIONS`, ``staleness_count_<k>`` (k = 0..max_staleness) and
-            ``staleness_count_over``, ``clip_center``/``clip_bound``/``clip_cutoff`` (with a clip
-            method), and ``grad_norm``, ``lr``, ``step_skipped``, ``skipped_steps_total``, ``step``,
-            ``policy_version``, ``step_seconds``, ``train_tokens_per_s``.
+            One dict per optimizer step, in order, of ``driftrl_learner_*`` metrics as floats,
+            identical on every rank except the clip thresholds (rank-local copies, equal by
+            construction): the :func:`policy_loss` and :func:`entropy_metrics` names of
+            :data:`learner.losses.METRIC_REDUCTIONS`, those of :data:`LEARNER_METRIC_REDUCTIONS`,
+            ``staleness_count_<k>`` (k = 0..max_staleness) and ``staleness_count_over``,
+            ``clip_center``/``clip_bound``/``clip_cutoff`` (with a clip method), and
+            ``grad_norm``, ``lr``, ``step_skipped``, ``skipped_steps_total``, ``step`` (learner
+            steps = tables), ``optimizer_step``, ``epoch``, ``mini_batch``, ``policy_version``,
+            ``step_seconds``, ``train_tokens_per_s``.
 
         Raises:
-            NonFiniteStepError: ``max_nan_steps`` consecutive steps were skipped.
+            NonFiniteStepError: ``max_nan_steps`` consecutive optimizer steps were skipped.
         """
         start = time.perf_counter()
         batch = table_to_batch(table, pad_id=self.pad_id)
         advantages, zero_variance_frac = grpo_advantages(
             batch.rewards, batch.group_index, std_norm=self.cfg.loss.advantage_std_norm
         )
-        micro_batches = self._micro_batches(batch, advantages)
+        minis = [self._micro_batches(batch, advantages, rows) for rows in self._mini_batch_rows(batch)]
+        flat = [mb for mbs in minis for mb in mbs]
         # PPO: GAE replaces the group-relative advantages before any pass reads them
-        targets = None if self.critic is None else self._gae_advantages(micro_batches)
-        passes = [self._statistics_pass(mb) for mb in micro_batches]
+        targets = None if self.critic is None else self._gae_advantages(flat)
+        start_passes = self._proximal_passes(minis) if self.cfg.loss.proximal == "learner" else None
+        self.state.step += 1
+        updates: list[dict[str, float]] = []
+        for epoch in range(self.cfg.epochs):
+            for index, mbs in enumerate(minis):
+                mini_targets = None
+                if targets is not None:
+                    n = len(mbs)
+                    offset = sum(len(m) for m in minis[:index])
+                    mini_targets = ValueTargets(
+                        targets.old_values[offset : offset + n],
+                        targets.returns[offset : offset + n],
+                        targets.metrics,
+                        targets.nonfinite,
+                    )
+                # the first update runs on the start weights: the proximal pass is its statistics pass
+                passes = start_passes[0] if start_passes is not None and epoch == index == 0 else None
+                floats = self._update(batch, mbs, mini_targets, zero_variance_frac, start, passes)
+                floats["driftrl_learner_epoch"] = float(epoch)
+                floats["driftrl_learner_mini_batch"] = float(index)
+                updates.append(floats)
+                start = time.perf_counter()
+        return updates
+
+    def _update(
+        self,
+        batch: RolloutBatch,
+        micro_batches: list[MicroBatch],
+        targets: ValueTargets | None,
+        zero_variance_frac: Tensor,
+        start: float,
+        passes: list[TokenPass] | None = None,
+    ) -> dict[str, float]:
+        """One optimizer step on one mini-batch (this rank's micro-batches of it); ``passes`` = its
+        statistics passes when already run on the current weights."""
+        if passes is None:
+            passes = [self._statistics_pass(mb) for mb in micro_batches]
         if targets is not None:
             passes[0].nonfinite = passes[0].nonfinite + targets.nonfinite
+        for mb in micro_batches:
+            if mb.proximal_logprobs is not None:
+                # a non-finite proximal log-prob would reach the loss: skip like a non-finite forward
+                passes[0].nonfinite = passes[0].nonfinite + (~torch.isfinite(mb.proximal_logprobs)).sum()
         agreed = self._agree(micro_batches, passes)
+        if self.controller is not None and not agreed.skip:
+            # the step's own global entropy, before its loss pass: the same float on every rank
+            self.controller.observe(float(agreed.entropy_mean))
+        sign_weights = None if self.controller is None else self.controller.weights()
         loss_metrics: list[dict[str, Tensor]] = []
         if not agreed.skip:
             loss_metrics = [
-                self._loss_pass(mb, keep, agreed.denominator)
-                for mb, keep in zip(micro_batches, agreed.keep_masks, strict=True)
+                self._loss_pass(mb, keep, agreed.denominator, sign_weights)
+                for mb, keep in zip(micro_batches, agreed.loss_masks, strict=True)
             ]
         lr = float(self.engine.get_lr()[0])
         measure = self._measures_entropy_change(agreed.skip)
@@ -564,27 +656,65 @@ class Learner:
             floats["driftrl_learner_value_grad_norm"] = (
                 math.nan if critic_grad_norm is None else critic_grad_norm
             )
+        loss_cfg = self.cfg.loss
+        w_pos, w_neg = (loss_cfg.pos_adv_weight, loss_cfg.neg_adv_weight) if sign_weights is None else sign_weights
+        floats["driftrl_learner_pos_adv_weight"] = w_pos
+        floats["driftrl_learner_neg_adv_weight"] = w_neg
+        if self.controller is not None:
+            floats["driftrl_learner_entropy_control_error"] = self.controller.error
+            floats["driftrl_learner_entropy_control_integral"] = self.controller.integral
         if self.state.consecutive_skipped >= self.cfg.max_nan_steps:
             raise NonFiniteStepError(
-                f"{self.state.consecutive_skipped} consecutive learner steps had a non-finite forward pass or "
-                f"gradient (max_nan_steps={self.cfg.max_nan_steps}); last step {self.state.step}, "
+                f"{self.state.consecutive_skipped} consecutive optimizer steps had a non-finite forward pass or "
+                f"gradient (max_nan_steps={self.cfg.max_nan_steps}); last learner step {self.state.step} "
+                f"(optimizer step {self.state.optimizer_step}), "
                 f"{floats['driftrl_learner_nonfinite_tokens']:.0f} non-finite tokens, grad norm "
                 f"{floats['driftrl_learner_grad_norm']}. Lower the learning rate or inspect the data."
             )
         return floats
 
-    def _micro_batches(self, batch: RolloutBatch, advantages: Tensor) -> list[MicroBatch]:
-        """This rank's micro-batches (:func:`learner.micro_batches.plan_micro_batches`); every rank
-        gets the same number, empty ones padding the short."""
+    def _proximal_passes(self, minis: list[list[MicroBatch]]) -> list[list[TokenPass]]:
+        """Decoupled PPO (Hilton et al. 2022, "Batch size-invariance for policy optimization"; AReaL):
+        one no-grad pass over the whole table on the start weights sets every micro-batch's
+        ``proximal_logprobs``, reused by every mini-batch and epoch of this learner step."""
+        passes = [[self._statistics_pass(mb) for mb in mbs] for mbs in minis]
+        for mbs, tps in zip(minis, passes, strict=True):
+            for mb, tp in zip(mbs, tps, strict=True):
+                mb.proximal_logprobs = tp.logprobs
+        return passes
+
+    def _mini_batch_rows(self, batch: RolloutBatch) -> list[np.ndarray]:
+        """Rows of each mini-batch: ``mini_batches`` contiguous slices of whole groups (fixed order),
+        so GRPO's group statistics never straddle two optimizer steps."""
+        n_groups = batch.n_groups
+        count = self.cfg.mini_batches
+        if n_groups < count:
+            raise ValueError(f"the table has {n_groups} groups, fewer than learner.mini_batches={count}")
+        group_index = batch.group_index.numpy()
+        return [
+            np.flatnonzero(np.isin(group_index, groups)).astype(np.int64)
+            for groups in np.array_split(np.arange(n_groups), count)
+        ]
+
+    def _micro_batches(self, batch: RolloutBatch, advantages: Tensor, rows: np.ndarray) -> list[MicroBatch]:
+        """This rank's micro-batches of the mini-batch ``rows``
+        (:func:`learner.micro_batches.plan_micro_batches`); every rank gets the same number, empty
+        ones padding the short."""
+        # the planner wants groups numbered 0 .. G-1 by first appearance, and batch group ids are
+        # numbered that way, so their ascending order is that order
+        _, groups = np.unique(batch.group_index.numpy()[rows], return_inverse=True)
         plan = plan_micro_batches(
-            batch.group_index.numpy(),
-            (batch.prompt_lengths + batch.response_lengths).numpy(),
+            groups.astype(np.int64),
+            (batch.prompt_lengths + batch.response_lengths).numpy()[rows],
             self.world_size,
             self.cfg.micro_batch_size,
             self.cfg.max_tokens_per_micro_batch,
             packed=self.cfg.packing,
         )
-        return [self._make_micro_batch(batch, advantages, torch.from_numpy(rows)) for rows in plan[self.rank]]
+        return [
+            self._make_micro_batch(batch, advantages, torch.from_numpy(rows[local]))
+            for local in plan[self.rank]
+        ]
 
     def _make_micro_batch(self, batch: RolloutBatch, advantages: Tensor, rows: Tensor) -> MicroBatch:
         """Slice rows, trim the padded length, flatten the response tokens."""
@@ -664,7 +794,7 @@ class Learner:
         """Global clip thresholds, keep-masks, loss denominator and the skip decision.
 
         Collectives (in this order on every rank): the clip moments' all-gather, the cap's
-        all-gather (with ``max_frac``), one SUM all-reduce of ``[denominator, tokens, nonfinite]``.
+        all-gather (with ``max_frac``), one SUM all-reduce of ``[denominator, tokens, nonfinite, entropy sum]``.
         """
         clip = self.cfg.clip
         thresholds = None
@@ -686,7 +816,24 @@ class Learner:
                 clip_mask_with_thresholds(thresholds, tp.x, mb.advantages, mb.valid)
                 for mb, tp in zip(mbs, passes, strict=True)
             ]
-        aggregation = self.cfg.loss.aggregation
+        loss_cfg = self.cfg.loss
+        importance: list[Tensor | None] = [None] * len(mbs)
+        if loss_cfg.is_mask != "none":
+            importance = [
+                importance_keep_mask(
+                    (tp.logprobs if mb.proximal_logprobs is None else mb.proximal_logprobs) - mb.behaviour_logprobs,
+                    mb.valid,
+                    mb.seq_index,
+                    loss_cfg.is_mask,
+                    loss_cfg.is_mask_low,
+                    loss_cfg.is_mask_high,
+                )
+                for mb, tp in zip(mbs, passes, strict=True)
+            ]
+        loss_masks = [
+            k if i is None else i if k is None else k & i for k, i in zip(keeps, importance, strict=True)
+        ]
+        aggregation = loss_cfg.aggregation
         parts = [
             torch.stack(
                 [
@@ -695,16 +842,27 @@ class Learner:
                     ).double(),
                     mb.targets.new_tensor(mb.targets.numel(), dtype=torch.float64),
                     tp.nonfinite.double(),
+                    torch.where(torch.isfinite(tp.entropy), tp.entropy, 0.0).double().sum(),
                 ]
             )
-            for mb, tp, keep in zip(mbs, passes, keeps, strict=True)
+            for mb, tp, keep in zip(mbs, passes, loss_masks, strict=True)
         ]
         totals = torch.stack(parts).sum(0)
         if _is_distributed():
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         # the one host sync before the loss pass: every rank must take the same branch
         skip = bool(totals[2] > 0)
-        return GlobalStats(thresholds, keeps, totals[0].float(), totals[1], totals[2], skip)
+        return GlobalStats(
+            thresholds,
+            keeps,
+            importance,
+            loss_masks,
+            totals[0].float(),
+            totals[1],
+            totals[2],
+            skip,
+            totals[3] / totals[1].clamp_min(1),
+        )
 
     @staticmethod
     def _loss_inputs(mb: MicroBatch, logprobs: Tensor, keep: Tensor | None, entropy: Tensor) -> LossInputs:
@@ -715,17 +873,24 @@ class Learner:
             loss_mask=mb.valid,
             keep_mask=keep,
             seq_index=mb.seq_index,
+            proximal_logprobs=mb.proximal_logprobs,
             entropy=entropy,
         )
 
-    def _loss_pass(self, mb: MicroBatch, keep: Tensor | None, denominator: Tensor) -> dict[str, Tensor]:
+    def _loss_pass(
+        self,
+        mb: MicroBatch,
+        keep: Tensor | None,
+        denominator: Tensor,
+        sign_weights: tuple[float, float] | None = None,
+    ) -> dict[str, Tensor]:
         """Forward with gradient, the policy loss over the global denominator, backward."""
         logp, entropy, _, _, _ = self._forward(mb)
         generator = torch.Generator(device=logp.device).manual_seed(
-            self.seed * 1_000_003 + self.state.step * 1_009 + self.rank
+            self.seed * 1_000_003 + self.state.optimizer_step * 1_009 + self.rank
         )
         loss, metrics = policy_loss(
-            self._loss_inputs(mb, logp, keep, entropy), self.cfg.loss, denominator, generator
+            self._loss_inputs(mb, logp, keep, entropy), self.cfg.loss, denominator, generator, sign_weights
         )
         # the denominator counts the tokens of all ranks, so the ranks' gradients *sum* to the
         # batch gradient; DeepSpeed averages them over the data-parallel group, hence × world size
@@ -830,7 +995,7 @@ class Learner:
     def _measures_entropy_change(self, skip: bool) -> bool:
         """Whether this step measures the realised entropy change (same decision on every rank)."""
         interval = self.cfg.realised_entropy_interval
-        return not skip and interval > 0 and self.state.step % interval == 0
+        return not skip and interval > 0 and self.state.optimizer_step % interval == 0
 
     def _trainable_tensors(self) -> list[Tensor]:
         """This rank's storage of every trainable parameter: ZeRO-3 keeps only its shard
@@ -900,7 +1065,7 @@ class Learner:
         return {f"driftrl_learner_{n}": v for n, v in zip(names, values, strict=True)}
 
     def _count_step(self, applied: bool) -> None:
-        self.state.step += 1
+        self.state.optimizer_step += 1
         if applied:
             self.state.consecutive_skipped = 0
         else:
@@ -930,10 +1095,24 @@ class Learner:
         ratio = torch.cat([p.ratio for p in passes])
         ratio = torch.where(torch.isfinite(ratio), ratio, 0.0)
         metrics = entropy_metrics(
-            stats, torch.cat([mb.advantages for mb in mbs]), valid, ratio, keep, sum_all_reduce=_sum_over_ranks
+            stats,
+            torch.cat([mb.advantages for mb in mbs]),
+            valid,
+            ratio,
+            keep,
+            sum_all_reduce=_sum_over_ranks,
+            trained_mask=None if agreed.importance_masks[0] is None else torch.cat(agreed.loss_masks),
         )
         metrics.update(self._merge_micro_batch_metrics(loss_metrics))
         metrics["driftrl_learner_grpo_zero_variance_frac"] = zero_variance_frac
+        logprobs = torch.cat([p.logprobs for p in passes])
+        metrics["driftrl_learner_mismatch_kl"] = mismatch_kl(
+            torch.where(valid, logprobs, 0.0), torch.cat([mb.behaviour_logprobs for mb in mbs]), valid & torch.isfinite(logprobs)
+        )
+        masked = torch.zeros_like(valid)
+        if agreed.importance_masks[0] is not None:
+            masked = valid & ~torch.cat(agreed.importance_masks)
+        metrics["driftrl_learner_is_masked_frac"] = masked_mean(masked.float(), valid)
         metrics["driftrl_learner_train_tokens"] = valid.sum().float()
         metrics["driftrl_learner_nonfinite_tokens"] = agreed.nonfinite_tokens
         metrics.update(self._table_metrics(batch))
@@ -1029,6 +1208,7 @@ class Learner:
             "driftrl_learner_step_skipped": 0.0 if applied else 1.0,
             "driftrl_learner_skipped_steps_total": float(self.state.skipped_steps),
             "driftrl_learner_step": float(self.state.step),
+            "driftrl_learner_optimizer_step": float(self.state.optimizer_step),
             "driftrl_learner_policy_version": float(self.state.policy_version),
             "driftrl_learner_step_seconds": seconds,
             "driftrl_learner_train_tokens_per_s": train_tokens / seconds,
@@ -1165,6 +1345,7 @@ class Learner:
         if self.rank == 0:
             state = {
                 "step": self.state.step,
+                "optimizer_step": self.state.optimizer_step,
                 "policy_version": self.state.policy_version,
                 "skipped_steps": self.state.skipped_steps,
                 "consecutive_skipped": self.state.consecutive_skipped,
@@ -1172,6 +1353,7 @@ class Learner:
                 "zero_stage": self.cfg.zero_stage,
                 "critic": self.critic is not None,
                 "extra": self.state.extra,
+                "entropy_controller": None if self.controller is None else self.controller.state_dict(),
                 "rng": rng,
             }
             (tmp / CHECKPOINT_STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
@@ -1212,11 +1394,16 @@ class Learner:
             self.critic.load(path)
         self.state = LearnerState(
             step=saved["step"],
+            # checkpoints from before mini-batches made one optimizer step per learner step
+            optimizer_step=saved.get("optimizer_step", saved["step"]),
             policy_version=saved["policy_version"],
             skipped_steps=saved["skipped_steps"],
             consecutive_skipped=saved["consecutive_skipped"],
             extra=saved.get("extra", {}),
         )
+        controller_state = saved.get("entropy_controller")
+        if self.controller is not None and controller_state is not None:
+            self.controller.load_state_dict(controller_state)
         if rng is not None:
             _restore_rng_state(rng)
         return self.state

@@ -40,6 +40,8 @@ METRIC_REDUCTIONS: dict[str, Reduction] = {
     "driftrl_learner_cov_selected_frac": "mean",
     "driftrl_learner_kl_cov_penalty": "mean",
     "driftrl_learner_grpo_zero_variance_frac": "mean",
+    "driftrl_learner_mismatch_kl": "mean",
+    "driftrl_learner_is_masked_frac": "mean",
     # entropy_metrics reduces over the ranks itself (global moments): every rank holds the same value
     "driftrl_learner_entropy_mean": "max",
     "driftrl_learner_clip_dropped_frac": "max",
@@ -187,6 +189,56 @@ def _aggregate(
     return masked_mean(seq_sum / seq_tokens.clamp_min(1), has_tokens, denominator)
 
 
+def importance_keep_mask(
+    log_ratio: Tensor, valid: Tensor, seq_index: Tensor, level: str, low: float, high: float
+) -> Tensor:
+    """Masked importance sampling: which tokens keep their place in the loss.
+
+    Beside truncation (which caps the weight), masking drops tokens whose behaviour-vs-learner
+    ratio ``r = exp(log_ratio)`` is outside ``[low, high]``: ``token`` tests each token's ``r``,
+    ``sequence`` the geometric mean ratio ``exp(mean_t log r_t)`` of each response and drops the
+    whole response (the rejection of Yao et al. 2025, "Your efficient RL framework secretly brings
+    you off-policy RL training", and verl's rollout correction). A dropped token leaves numerator
+    and denominator, like padding. A non-finite ``log_ratio`` is dropped.
+
+    Args:
+        log_ratio: ``[N]`` float, ``log π - log μ`` (detached).
+        valid: ``[N]`` bool; seq_index: ``[N]`` int, the response of each token, ``< N``.
+        level: ``token`` or ``sequence``.
+        low, high: the accepted ratio interval, ``0 < low <= 1 <= high``.
+
+    Returns:
+        ``[N]`` bool, True = kept (always False where ``valid`` is False).
+    """
+    log_ratio = torch.where(valid, log_ratio.detach().double(), 0.0)
+    lo, hi = math.log(low), math.log(high)
+    if level == "token":
+        inside = (log_ratio >= lo) & (log_ratio <= hi)
+    elif level == "sequence":
+        seq = seq_index.long()
+        finite = torch.isfinite(log_ratio)
+        n = log_ratio.new_zeros(log_ratio.shape[0]).index_add(0, seq, valid.double())
+        total = log_ratio.new_zeros(log_ratio.shape[0]).index_add(0, seq, torch.where(finite, log_ratio, 0.0))
+        bad = log_ratio.new_zeros(log_ratio.shape[0]).index_add(0, seq, (valid & ~finite).double())
+        mean = total / n.clamp_min(1)
+        inside = ((mean >= lo) & (mean <= hi) & (bad == 0))[seq]
+    else:
+        raise ValueError(f"level: expected token|sequence, got {level!r}")
+    return valid & inside
+
+
+def mismatch_kl(logprobs: Tensor, behaviour_logprobs: Tensor, valid: Tensor) -> Tensor:
+    """k3 estimate of ``KL(μ ‖ π)`` from tokens sampled by the behaviour policy μ (Schulman 2020,
+    "Approximating KL divergence"): mean over ``valid`` of ``r - 1 - log r``, ``r = π/μ``.
+
+    Unbiased, non-negative per token; 0-d float32 (0 for no valid token). The rollout engine's
+    and the learner's log-probs of the same weights differ by kernels and precision, so this
+    measures that mismatch on fresh rows and policy lag on stale ones.
+    """
+    log_r = torch.where(valid, logprobs.detach() - behaviour_logprobs.detach(), 0.0).double()
+    return masked_mean(log_r.exp() - 1 - log_r, valid).float()
+
+
 def _covariance(advantages: Tensor, logprobs: Tensor, mask: Tensor) -> Tensor:
     """Cui et al. 2025 token covariance ``(A_t - mean A)(logp_t - mean logp)`` over ``mask``, detached."""
     lp = logprobs.detach()
@@ -198,6 +250,7 @@ def policy_loss(
     config: LossConfig,
     denominator: Tensor | float | None = None,
     generator: torch.Generator | None = None,
+    sign_weights: tuple[float, float] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Policy-gradient loss of one micro-batch and its metrics.
 
@@ -217,6 +270,12 @@ def policy_loss(
     * Truncated importance weight ``truncate_is_c = C``: with a proximal policy ``w -> min(w, C)``;
       without one the ratio itself is the importance weight, so the unclipped term uses
       ``min(r, C)`` (tokens with ``r > C`` then get no gradient from that term).
+    * Advantage-sign weights ``(w₊, w₋)``: the surrogate ``ℓ`` of a token is multiplied by ``w₊``
+      where ``A > 0`` and ``w₋`` where ``A < 0`` (after clipping, so the clip decisions are
+      unchanged; before the importance weight and the KL-Cov penalty, which they leave alone).
+      ``w₊ = w₋ = 1`` is exactly the unweighted loss. Positive samples sharpen the policy and
+      negative ones flatten it, so their balance steers entropy (EntroPIC, Yang et al. 2025,
+      arXiv 2511.15248).
     * Entropy bonus: ``-entropy_coef · H``. The streamed statistics carry no entropy gradient, so
       the bonus uses the score-function estimator ``∇H = E_{k~p}[-(log p_k + H) ∇ log p_k]``,
       importance-weighted by the detached ratio for off-policy samples; its value is ``H``.
@@ -230,6 +289,8 @@ def policy_loss(
         denominator: total of :func:`loss_denominator` over the mini-batch (all micro-batches and
             ranks); ``None`` = this call's own count (one micro-batch = the whole batch).
         generator: random source of Clip-Cov's token selection.
+        sign_weights: ``(w₊, w₋)``; ``None`` = ``config.pos_adv_weight, config.neg_adv_weight``
+            (the learner passes the entropy controller's weights here).
 
     Returns:
         ``(loss 0-d, metrics)``: ``loss`` has gradient to ``inputs.logprobs``; metrics are 0-d
@@ -307,8 +368,10 @@ def policy_loss(
         metrics["driftrl_learner_cov_selected_frac"] = (selected.sum() / n_valid).detach()
 
     unclipped_ratio = ratio if truncate_c is None or inputs.proximal_logprobs is not None else ratio.clamp_max(truncate_c)
+    w_pos, w_neg = (config.pos_adv_weight, config.neg_adv_weight) if sign_weights is None else sign_weights
+    sign_weight = torch.where(advantages > 0, w_pos, torch.where(advantages < 0, w_neg, 1.0))
     if config.type == "kl_cov":
-        per_token = -advantages * unclipped_ratio
+        per_token = sign_weight * (-advantages * unclipped_ratio)
         penalty = config.kl_cov_coef * (logprobs - reference).abs()
         per_token = per_token + torch.where(selected, penalty, 0.0)
         metrics["driftrl_learner_kl_cov_penalty"] = masked_mean(penalty, selected).detach()
@@ -324,6 +387,7 @@ def policy_loss(
             per_token = torch.where(advantages < 0, torch.minimum(per_token, cap), per_token)
         else:
             dual_clipped = torch.zeros_like(valid)
+        per_token = sign_weight * per_token
     per_token = weight * per_token
 
     # an all-masked micro-batch gives 0 / 1 = 0 whose graph still reaches logprobs, i.e. the
@@ -365,6 +429,7 @@ def entropy_metrics(
     ratio: Tensor | None = None,
     keep_mask: Tensor | None = None,
     sum_all_reduce: SumAllReduce | None = None,
+    trained_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Entropy-dynamics metrics of one step (ALGORITHM.md §3 and §5), 0-d detached float64 tensors.
 
@@ -388,13 +453,16 @@ def entropy_metrics(
         ratio: ``[N]`` importance ratio (detached), ``None`` = 1.
         keep_mask: ``[N]`` bool entropy-clipping mask, ``None`` = nothing dropped.
         sum_all_reduce: sums a vector over the data-parallel ranks; ``None`` = one rank.
+        trained_mask: ``[N]`` bool, the tokens the loss trains on when more than the clip mask
+            drops tokens (masked importance sampling); ``None`` = ``keep_mask``. The prediction
+            sums over these; the dropped fractions stay the clip mask's.
     """
     advantages = torch.where(valid, advantages.detach().float(), 0.0)
     r = torch.ones_like(advantages) if ratio is None else torch.where(valid, ratio.detach().float(), 0.0)
     s_centered = torch.where(valid, stats.s_centered.detach(), 0.0)
     weighted = r * s_centered
     dropped = valid & ~keep_mask if keep_mask is not None else torch.zeros_like(valid)
-    kept = valid & ~dropped
+    kept = valid & ~dropped if trained_mask is None else valid & trained_mask
     pos, neg = advantages > 0, advantages < 0
     # fractions over a subset are ratios of two global means, so each is exact over T_B
     columns = {

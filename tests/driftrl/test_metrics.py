@@ -77,6 +77,9 @@ LEARNER_SAMPLES: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {
     ("driftrl_learner_grad_norm", ()): "grad_norm",
     ("driftrl_learner_lr", ()): "lr",
     ("driftrl_learner_step", ()): "step",
+    ("driftrl_learner_optimizer_step", ()): "optimizer_step",
+    ("driftrl_learner_mismatch_kl", ()): "mismatch_kl",
+    ("driftrl_learner_is_masked_fraction", ()): "is_masked_frac",
     ("driftrl_learner_step_skipped", ()): "step_skipped",
     ("driftrl_learner_skipped_steps_total", ()): "skipped_steps_total",
     ("driftrl_policy_version", ()): "policy_version",
@@ -203,6 +206,23 @@ def test_every_learner_metric_is_exported_under_its_name(server, tmp_path):
     shown = set(samples.values())
     missing = [k for k, v in metrics.items() if "staleness_count" not in k and v not in shown]
     assert missing == []
+
+
+def test_advantage_sign_weights_and_entropy_controller_are_exported(server):
+    # train_updates adds these after the host metrics: w+/w- always, the controller's terms when on
+    metrics = train_step_metrics(seed=7, policy_version=1, version_starts=[1])
+    metrics |= {
+        P + "pos_adv_weight": 0.75,
+        P + "neg_adv_weight": 1.25,
+        P + "entropy_control_error": -0.125,
+        P + "entropy_control_integral": -0.5,
+    }
+    server.telemetry.record_learner(metrics)
+    samples = _scrape(server.url)
+    assert samples[("driftrl_learner_adv_sign_weight", (("sign", "pos"),))] == 0.75
+    assert samples[("driftrl_learner_adv_sign_weight", (("sign", "neg"),))] == 1.25
+    assert samples[("driftrl_learner_entropy_control", (("term", "error"),))] == -0.125
+    assert samples[("driftrl_learner_entropy_control", (("term", "integral"),))] == -0.5
 
 
 def test_unprefixed_keys_and_absent_keys(server):

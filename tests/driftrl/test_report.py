@@ -126,6 +126,9 @@ def test_report_from_a_driver_written_table(tmp_path):
             rows[-1]["cov_adv_weighted_s_centered"],
         ),
         ("clip_dropped_frac", rows[0]["clip_dropped_frac"], rows[-1]["clip_dropped_frac"]),
+        ("mismatch_kl", rows[0]["mismatch_kl"], rows[-1]["mismatch_kl"]),
+        ("is_masked_frac", rows[0]["is_masked_frac"], rows[-1]["is_masked_frac"]),
+        ("truncated_frac", rows[0]["truncated_frac"], rows[-1]["truncated_frac"]),
         ("staleness_mean", rows[0]["staleness_mean"], rows[-1]["staleness_mean"]),
         ("train_tokens_per_s", rows[0]["train_tokens_per_s"], rows[-1]["train_tokens_per_s"]),
         ("probe_entropy", 2.0 - 0.001 * 4**2, 2.0 - 0.001 * 20**2),  # syncs at steps 4, 8, ..., 20
@@ -138,6 +141,7 @@ def test_report_from_a_driver_written_table(tmp_path):
     # is fixed by hand)
     assert len(syncs) == 5 and summary["delta_entropy_agreement"]["syncs"] == 4
     text = summary_txt.read_text()
+    assert "behaviour KL" in text and "IS masked" in text
     assert "20 learner steps" in text and "probe entropy" in text and "ΔH probe drift" in text
     # every step measured its same-batch change (the learner rows hold random values for both)
     assert (report / "delta_entropy_same_batch_scatter.png").read_bytes().startswith(PNG_MAGIC)

@@ -415,3 +415,120 @@ def test_two_data_parallel_ranks_give_the_global_std_and_covariance(tmp_path):
     for name in ("s_star_std", "cov_adv_weighted_s_centered"):
         averaged = sum(c * float(m[f"driftrl_learner_{name}"]) for c, m in zip(counts, local, strict=True)) / sum(counts)
         assert abs(averaged - float(reference[name])) > 0.05, name
+
+
+def _off_policy_batch(n: int = 64, seed: int = 5) -> dict[str, torch.Tensor]:
+    # spread 0.4: many ratios leave (0.8, 1.28), so clipping and dual-clipping both act
+    b = batch(n, seed=seed, spread=0.4)
+    return b
+
+
+@pytest.mark.parametrize("loss_type", ["ppo", "kl_cov"])
+def test_decoupled_loss_with_proximal_equal_to_behaviour_is_the_plain_ppo_loss(loss_type):
+    b = _off_policy_batch()
+    config = PPO.model_copy(update={"type": loss_type, "dual_clip_c": 3.0})
+    plain, m_plain = policy_loss(LossInputs(**b), config)
+    decoupled, m_dec = policy_loss(LossInputs(**b, proximal_logprobs=b["behaviour_logprobs"]), config)
+    assert m_plain["driftrl_learner_clipped_frac"] > 0 or loss_type == "kl_cov"
+    torch.testing.assert_close(decoupled, plain)
+    torch.testing.assert_close(grad_of(decoupled, b["logprobs"]), grad_of(plain, b["logprobs"]))
+    for name, value in m_plain.items():
+        torch.testing.assert_close(m_dec[name], value)
+
+
+def test_decoupled_loss_against_a_float64_reference():
+    gen = torch.Generator().manual_seed(3)
+    b = _off_policy_batch()
+    proximal = b["behaviour_logprobs"] + torch.randn(64, generator=gen) * 0.5
+    config = PPO.model_copy(update={"truncate_is_c": 1.5})
+    loss, metrics = policy_loss(LossInputs(**b, proximal_logprobs=proximal), config)
+    lp, mu, prox, a = (x.detach().double() for x in (b["logprobs"], b["behaviour_logprobs"], proximal, b["advantages"]))
+    r = torch.exp(lp - prox)
+    w = torch.exp(prox - mu)
+    expected = (w.clamp(max=1.5) * torch.maximum(-a * r, -a * r.clamp(0.8, 1.28))).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-7)
+    assert 0 < float(metrics["driftrl_learner_truncated_frac"]) < 1
+    torch.testing.assert_close(metrics["driftrl_learner_truncated_frac"].double(), (w > 1.5).double().mean())
+
+
+def test_unit_advantage_sign_weights_are_grpo_exactly():
+    b = _off_policy_batch()
+    plain, _ = policy_loss(LossInputs(**b), PPO)
+    unit, _ = policy_loss(LossInputs(**b), PPO.model_copy(update={"pos_adv_weight": 1.0, "neg_adv_weight": 1.0}))
+    passed, _ = policy_loss(LossInputs(**b), PPO, sign_weights=(1.0, 1.0))
+    assert float(unit.detach()) == float(plain.detach()) == float(passed.detach())
+    assert torch.equal(grad_of(unit, b["logprobs"]), grad_of(plain, b["logprobs"]))
+
+
+@pytest.mark.parametrize("loss_type", ["ppo", "clip_cov", "kl_cov"])
+def test_advantage_sign_weights_against_a_float64_reference(loss_type):
+    b = _off_policy_batch()
+    b["advantages"][:4] = 0.0  # A = 0 tokens keep weight 1 (they add nothing either way)
+    config = PPO.model_copy(
+        update={"type": loss_type, "pos_adv_weight": 2.0, "neg_adv_weight": 0.25, "kl_cov_coef": 0.0}
+    )
+    loss, _ = policy_loss(LossInputs(**b), config, generator=torch.Generator().manual_seed(0))
+    lp, mu, a = (x.detach().double() for x in (b["logprobs"], b["behaviour_logprobs"], b["advantages"]))
+    r = torch.exp(lp - mu)
+    surrogate = -a * r if loss_type == "kl_cov" else torch.maximum(-a * r, -a * r.clamp(0.8, 1.28))
+    weight = torch.where(a > 0, 2.0, torch.where(a < 0, 0.25, 1.0)).double()
+    # Clip-Cov detaches a few tokens: their value is unchanged, so the loss value still matches
+    torch.testing.assert_close(loss.double(), (weight * surrogate).mean(), rtol=1e-6, atol=1e-7)
+    # zero weight for A < 0: those tokens get no gradient
+    only_pos, _ = policy_loss(LossInputs(**b), config, sign_weights=(2.0, 0.0))
+    g = grad_of(only_pos, b["logprobs"])
+    assert bool((g[b["advantages"] < 0] == 0).all()) and bool((g[b["advantages"] > 0] != 0).any())
+
+
+def test_importance_keep_mask_by_hand():
+    from learner.losses import importance_keep_mask
+
+    # log r per token; responses 0 = tokens 0-2, 1 = tokens 3-4, 2 = token 5 (padding, not valid)
+    log_r = t(0.0, math.log(3.0), -0.1, math.log(0.4), math.log(1.5), 9.0)
+    valid = torch.tensor([True, True, True, True, True, False])
+    seq = torch.tensor([0, 0, 0, 1, 1, 2])
+    token = importance_keep_mask(log_r, valid, seq, "token", 0.5, 2.0)
+    # r = 1, 3, 0.905, 0.4, 1.5: 3 > 2 and 0.4 < 0.5 drop; padding is never kept
+    assert token.tolist() == [True, False, True, False, True, False]
+    # geometric means: response 0 exp((0 + 1.0986 - 0.1)/3) = 1.395 kept; response 1
+    # exp((-0.9163 + 0.4055)/2) = 0.775 kept at low 0.5, dropped at low 0.8
+    assert importance_keep_mask(log_r, valid, seq, "sequence", 0.5, 2.0).tolist() == [True] * 5 + [False]
+    assert importance_keep_mask(log_r, valid, seq, "sequence", 0.8, 2.0).tolist() == [True] * 3 + [False] * 3
+    # a non-finite log ratio drops its token, or its whole response
+    bad = log_r.clone()
+    bad[1] = float("nan")
+    assert importance_keep_mask(bad, valid, seq, "token", 0.5, 4.0).tolist()[:3] == [True, False, True]
+    assert importance_keep_mask(bad, valid, seq, "sequence", 0.5, 4.0).tolist()[:3] == [False] * 3
+
+
+def test_mismatch_kl_is_the_k3_estimate_and_converges_to_the_true_kl():
+    from learner.losses import mismatch_kl
+
+    # by hand: log r = log 2 -> r - 1 - log r = 1 - 0.693147 = 0.306853; log r = 0 -> 0; mean 0.153426
+    value = mismatch_kl(t(math.log(2.0), -1.0, 5.0), t(0.0, -1.0, 0.0), torch.tensor([True, True, False]))
+    torch.testing.assert_close(value, torch.tensor((1 - math.log(2.0)) / 2))
+    # tokens sampled from mu: the estimate approaches KL(mu || pi) of the two distributions
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.softmax(torch.randn(6, generator=gen, dtype=torch.float64), -1)
+    pi = torch.softmax(torch.randn(6, generator=gen, dtype=torch.float64), -1)
+    tokens = torch.multinomial(mu, 200_000, replacement=True, generator=gen)
+    estimate = mismatch_kl(pi.log()[tokens].float(), mu.log()[tokens].float(), torch.ones_like(tokens, dtype=torch.bool))
+    exact = float((mu * (mu.log() - pi.log())).sum())
+    assert float(estimate) == pytest.approx(exact, rel=0.02)
+
+
+def test_entropy_prediction_sums_over_the_trained_tokens_and_fractions_stay_the_clip_masks():
+    stats, advantages, valid, ratio, keep = _score_batch(64, seed=9)
+    trained = keep & (torch.rand(64, generator=torch.Generator().manual_seed(1)) > 0.3)
+    clip_only = entropy_metrics(stats, advantages, valid, ratio, keep)
+    as_trained = entropy_metrics(stats, advantages, valid, ratio, trained)
+    both = entropy_metrics(stats, advantages, valid, ratio, keep, trained_mask=trained)
+    name = "driftrl_learner_predicted_entropy_change_per_unit_step"
+    # float64 reference: -sum over trained valid tokens of r·A·Sc / their count
+    sc = (stats.s_star - stats.s_expect).double()
+    t_mask = valid & trained
+    expected = -(ratio.double() * advantages.double() * sc)[t_mask].sum() / t_mask.sum()
+    torch.testing.assert_close(both[name].double(), expected)
+    torch.testing.assert_close(both[name], as_trained[name])
+    assert both[name] != clip_only[name]
+    assert both["driftrl_learner_clip_dropped_frac"] == clip_only["driftrl_learner_clip_dropped_frac"]
