@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip setuptools wheel
 	# torch==2.13.0 resolves to the CPU wheel in the machine's wheel directory (PIP_FIND_LINKS).
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[cpu,dev,tensorboard,wandb]" "torch==2.13.0"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[cpu,dev,tensorboard,wandb,bench-trl]" "torch==2.13.0"
 	# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside CPU torch.
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	@touch $(STAMP)

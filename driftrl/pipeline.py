@@ -152,6 +152,39 @@ def start_local_ray(num_cpus: int | None, **init_kwargs: Any) -> None:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
+class StartupClock:
+    """Where a run's start-up time goes: named phases in the order they end, seconds each.
+
+    The first entry is the process's life before the driver (interpreter, imports, config); the
+    time to the first trained step is the sum of all entries.
+    """
+
+    def __init__(self, t0: float) -> None:
+        self.last = t0
+        self.phases: dict[str, float] = {}
+        try:
+            import psutil
+
+            before = time.time() - psutil.Process().create_time()
+            self.phases["process start to driver (imports, config)"] = round(max(before - (time.monotonic() - t0), 0.0), 3)
+        except Exception:  # noqa: BLE001 - a platform without process times just lacks the entry
+            pass
+
+    def lap(self, name: str) -> None:
+        """Close phase ``name``: the seconds since the previous phase ended."""
+        now = time.monotonic()
+        self.phases[name] = round(now - self.last, 3)
+        self.last = now
+
+    def mark_once(self, name: str) -> None:
+        """:meth:`lap`, the first time only (the loop passes here every step)."""
+        if name not in self.phases:
+            self.lap(name)
+
+    def to_first_step(self) -> float:
+        return float(sum(self.phases.values()))
+
+
 class Driver:
     """One run: start the actors, run the step loop, write the run directory."""
 
@@ -203,6 +236,7 @@ class Driver:
         self.last_probe: float | None = None
         self.wall_offset = 0.0
         self.t0 = time.monotonic()
+        self.startup = StartupClock(self.t0)
         self.rollout_stats: dict[int, dict[str, Any]] = {}
         self.buffer_stats: dict[str, Any] = {}
 
@@ -241,7 +275,9 @@ class Driver:
             )
         self.server = MetricsServer(self.telemetry, cfg.metrics.host, cfg.metrics.port).start()
         log.info("metrics at %s/metrics", self.server.url)
+        self.startup.lap("config, data check and metrics server")
         self.started_ray = _init_ray(cfg)
+        self.startup.lap("ray init")
         uri = cfg.buffer.uri or str(self.run.buffer)
         # the buffer is file I/O and Arrow kernels: no CPU reserved, so a 2-core machine keeps one
         # core each for the rollout actor and the learner
@@ -252,7 +288,27 @@ class Driver:
             num_cpus=0,
         )
         self.board = launch_weight_board()
+        self.startup.lap("buffer and weight board")
+        admission = AdmissionRule(self.max_staleness, cfg.learner.groups_per_step * cfg.learner.sync_interval)
+
+        def launch_actors() -> None:
+            self.actors = launch_rollout_actors(
+                cfg.rollout,
+                cfg.model.path,
+                spec,
+                self.buffer,
+                run_dir=str(self.run.root),
+                admission=admission,
+                weight_board=self.board,
+            )
+
+        if not self.resume:
+            # vLLM's engine starts in its actor while the learner builds DeepSpeed: on the tiny
+            # default the two start-ups overlap instead of adding up. A resumed run starts its actors
+            # only once the board holds the checkpoint's weights.
+            launch_actors()
         self.learners = launch_learners(cfg.learner, cfg.model.path, seed=cfg.run.seed)
+        self.startup.lap("learner ranks (placement, model load, DeepSpeed init)")
         self.probe_ids, self.probe_mask = _probe_batch(cfg)
 
         if self.resume:
@@ -282,17 +338,9 @@ class Driver:
                 self._get(self.board_posted, "the weight board's post")
         if self.last_probe is None:
             self.last_probe = self._probe()
-
-        admission = AdmissionRule(self.max_staleness, cfg.learner.groups_per_step * cfg.learner.sync_interval)
-        self.actors = launch_rollout_actors(
-            cfg.rollout,
-            cfg.model.path,
-            spec,
-            self.buffer,
-            run_dir=str(self.run.root),
-            admission=admission,
-            weight_board=self.board,
-        )
+            self.startup.lap("entropy probe")
+        if self.resume:
+            launch_actors()
 
     def _probe(self) -> float:
         return float(self._learner_call("probe_entropy", self.probe_ids, self.probe_mask)[0])
@@ -434,6 +482,7 @@ class Driver:
                     elif ref is sample_ref:
                         sample_ref = None
                         next_table = self._checked_batch(self._get(ref, "the buffer's sample"))
+                        self.startup.mark_once("first batch sampled (rollout engine start, generation)")
                         self.consumed_groups += groups
                         if train_refs is None:
                             dispatch_train()
@@ -446,6 +495,13 @@ class Driver:
                         train_refs = None
                         self.last_train_done = time.monotonic()
                         self.step += 1
+                        if "first step trained" not in self.startup.phases:
+                            self.startup.lap("first step trained")
+                            log.info(
+                                "first step trained %.1f s after start: %s",
+                                self.startup.to_first_step(),
+                                ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.phases.items()),
+                            )
                         self.unacked[self.step] = train_ids.to_pylist()
                         row = self._after_step(metrics)
                         if self.step % cfg.learner.sync_interval == 0 or self.step == total:
@@ -799,6 +855,8 @@ class Driver:
                 "rollout_restarts": self.rollout_restarts,
                 "weight_sync_failures": self.sync_failures,
                 "final_model": str(self.run.final_model),
+                "seconds_to_first_step": round(self.startup.to_first_step(), 2),
+                "startup_seconds": self.startup.phases,
             },
         )
         return TrainResult(

@@ -317,6 +317,10 @@ def write_report(run_dir: Path, extra: Mapping[str, object] | None = None) -> Pa
         )
     for key, value in (extra or {}).items():
         summary[key] = value
+        if isinstance(value, Mapping):
+            lines.append(f"  {key}:")
+            lines.extend(f"    {name:<56} {seconds:>8.2f}" for name, seconds in value.items())
+            continue
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         lines.append(f"  {key:<16} {shown}")
     lines.append(f"  report: {report}")

@@ -438,6 +438,19 @@ def _restore_rng_state(state: _RngState) -> None:
     torch.set_rng_state(state.torch)
 
 
+def _skip_cpu_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op.
+
+    DeepSpeed's torch backend builds it whenever a process group comes up on CPU: ~90 s of both cores
+    on this machine type the first time, and again whenever the venv's path changes (the include
+    paths are part of the build's hash). The op serves only ``inference_all_reduce``; ZeRO training
+    reduces through torch.distributed, so the learner never calls it.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class Learner:
     """One data-parallel rank of the DeepSpeed learner over a Hugging Face causal LM.
 
@@ -471,6 +484,7 @@ class Learner:
         self.seed = seed
         self.state = LearnerState()
         self._set_seeds(seed + rank)
+        _skip_cpu_shm_comm_build()
         if not _is_distributed():
             deepspeed.init_distributed(dist_backend=process_group_backend(cfg))
         if dist.get_world_size() != world_size or dist.get_rank() != rank:
