@@ -64,7 +64,9 @@ def _shared_settings(cfg: Any) -> dict[str, Any]:
 # ---- the TRL side (child process) ---------------------------------------------------------------
 
 
-def trl_side(cfg_overrides: list[str], steps: int, interval: int, out: Path, t_launch: float) -> dict[str, Any]:
+def trl_side(
+    cfg_overrides: list[str], steps: int, interval: int, out: Path, t_launch: float
+) -> dict[str, Any]:
     """Train with TRL's GRPOTrainer; snapshots every ``interval`` steps under ``out``."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -160,7 +162,9 @@ def trl_side(cfg_overrides: list[str], steps: int, interval: int, out: Path, t_l
 # ---- the driftrl side (child process) -----------------------------------------------------------
 
 
-def driftrl_side(cfg_overrides: list[str], steps: int, interval: int, out: Path, t_launch: float) -> dict[str, Any]:
+def driftrl_side(
+    cfg_overrides: list[str], steps: int, interval: int, out: Path, t_launch: float
+) -> dict[str, Any]:
     """``driftrl run``'s training on the tiny default; snapshots every ``interval`` steps under ``out``."""
     from driftrl.config import load_config
     from driftrl.pipeline import train
@@ -194,7 +198,12 @@ def driftrl_side(cfg_overrides: list[str], steps: int, interval: int, out: Path,
         snapshots.append({"step": step, "seconds": clock, "path": str(path)})
 
     train(cfg, progress=False, on_step=on_step)
-    return {"system": "driftrl", "snapshots": snapshots, "first_step_seconds": first_step[0], "settings": _shared_settings(cfg)}
+    return {
+        "system": "driftrl",
+        "snapshots": snapshots,
+        "first_step_seconds": first_step[0],
+        "settings": _shared_settings(cfg),
+    }
 
 
 # ---- the parent: run both, score, compare ---------------------------------------------------------
@@ -275,11 +284,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="Training steps of each system.")
     parser.add_argument("--interval", type=int, default=25, help="Steps between snapshots.")
-    parser.add_argument("--heldout", type=int, default=0, help="Score on the first N held-out questions (0: all).")
+    parser.add_argument(
+        "--heldout", type=int, default=0, help="Score on the first N held-out questions (0: all)."
+    )
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} (the numbers mean nothing)")
     parser.add_argument("--out", type=Path, default=None, help="Keep snapshots and results here.")
     parser.add_argument("--side", choices=("trl", "driftrl"), help=argparse.SUPPRESS)
-    parser.add_argument("override", nargs="*", help="Dotted driftrl config overrides (both systems read them).")
+    parser.add_argument(
+        "override", nargs="*", help="Dotted driftrl config overrides (both systems read them)."
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.interval, args.heldout = QUICK["steps"], QUICK["interval"], QUICK["heldout"]

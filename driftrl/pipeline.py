@@ -166,7 +166,9 @@ class StartupClock:
             import psutil
 
             before = time.time() - psutil.Process().create_time()
-            self.phases["process start to driver (imports, config)"] = round(max(before - (time.monotonic() - t0), 0.0), 3)
+            self.phases["process start to driver (imports, config)"] = round(
+                max(before - (time.monotonic() - t0), 0.0), 3
+            )
         except Exception:  # noqa: BLE001 - a platform without process times just lacks the entry
             pass
 

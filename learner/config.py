@@ -233,6 +233,13 @@ class LearnerConfig(StrictModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute decoder-layer activations in backward (long sequences, less memory)."
     )
+    reuse_statistics_forward: bool = Field(
+        True,
+        description="When an update has one micro-batch on a rank, its statistics forward (clip thresholds, "
+        "entropy) keeps the graph and the loss pass backpropagates through it: one forward a step instead "
+        "of two, same numbers. With several micro-batches each is forwarded twice (no graph is held "
+        "across the thresholds' all-reduce).",
+    )
     mini_batches: int = Field(
         1,
         ge=1,

@@ -251,6 +251,8 @@ class TokenPass:
     ratio: Tensor
     nonfinite: Tensor
     x: Tensor | None = None
+    # (logprobs, entropy) still attached to the forward's graph when the pass kept it for the loss
+    graph: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass
@@ -624,7 +626,10 @@ class Learner:
         """One optimizer step on one mini-batch (this rank's micro-batches of it); ``passes`` = its
         statistics passes when already run on the current weights."""
         if passes is None:
-            passes = [self._statistics_pass(mb) for mb in micro_batches]
+            # one micro-batch on this rank: its activations are held through the loss pass anyway,
+            # so the statistics forward keeps its graph and the loss pass reuses it
+            keep_graph = len(micro_batches) == 1 and self.cfg.reuse_statistics_forward
+            passes = [self._statistics_pass(mb, keep_graph) for mb in micro_batches]
         if targets is not None:
             passes[0].nonfinite = passes[0].nonfinite + targets.nonfinite
         for mb in micro_batches:
@@ -639,9 +644,11 @@ class Learner:
         loss_metrics: list[dict[str, Tensor]] = []
         if not agreed.skip:
             loss_metrics = [
-                self._loss_pass(mb, keep, agreed.denominator, sign_weights)
-                for mb, keep in zip(micro_batches, agreed.loss_masks, strict=True)
+                self._loss_pass(mb, keep, agreed.denominator, sign_weights, tp.graph)
+                for mb, keep, tp in zip(micro_batches, agreed.loss_masks, passes, strict=True)
             ]
+        for tp in passes:
+            tp.graph = None  # a skipped step's graph (or a used one) is not kept past the step
         lr = float(self.engine.get_lr()[0])
         measure = self._measures_entropy_change(agreed.skip)
         before = self._trainable_copy() if measure else None
@@ -671,7 +678,9 @@ class Learner:
                 math.nan if critic_grad_norm is None else critic_grad_norm
             )
         loss_cfg = self.cfg.loss
-        w_pos, w_neg = (loss_cfg.pos_adv_weight, loss_cfg.neg_adv_weight) if sign_weights is None else sign_weights
+        w_pos, w_neg = (
+            (loss_cfg.pos_adv_weight, loss_cfg.neg_adv_weight) if sign_weights is None else sign_weights
+        )
         floats["driftrl_learner_pos_adv_weight"] = w_pos
         floats["driftrl_learner_neg_adv_weight"] = w_neg
         if self.controller is not None:
@@ -788,10 +797,32 @@ class Learner:
             sequence_ids=mb.sequence_ids,
         )
 
-    @torch.no_grad()
-    def _statistics_pass(self, mb: MicroBatch) -> TokenPass:
-        """No-grad token statistics, ratios and the clip statistic of one micro-batch."""
-        logp, entropy, s_star, s_expect, nonfinite = self._forward(mb)
+    def _statistics_pass(self, mb: MicroBatch, keep_graph: bool = False) -> TokenPass:
+        """Token statistics, ratios and the clip statistic of one micro-batch.
+
+        ``keep_graph``: run the forward with gradient and keep its graph in ``graph``, so the loss
+        pass backpropagates through this forward instead of running its own (one forward a step
+        instead of two; the statistics are the same numbers, detached).
+        """
+        with torch.set_grad_enabled(keep_graph):
+            logp_g, entropy_g, s_star, s_expect, nonfinite = self._forward(mb)
+        with torch.no_grad():
+            tp = self._token_pass(
+                mb, logp_g.detach(), entropy_g.detach(), s_star.detach(), s_expect.detach(), nonfinite
+            )
+        if keep_graph:
+            tp.graph = (logp_g, entropy_g)
+        return tp
+
+    def _token_pass(
+        self,
+        mb: MicroBatch,
+        logp: Tensor,
+        entropy: Tensor,
+        s_star: Tensor,
+        s_expect: Tensor,
+        nonfinite: Tensor,
+    ) -> TokenPass:
         log_ratio = logp - mb.behaviour_logprobs
         ratio = log_ratio.exp()
         nonfinite = nonfinite + (~torch.isfinite(ratio)).sum()
@@ -835,7 +866,8 @@ class Learner:
         if loss_cfg.is_mask != "none":
             importance = [
                 importance_keep_mask(
-                    (tp.logprobs if mb.proximal_logprobs is None else mb.proximal_logprobs) - mb.behaviour_logprobs,
+                    (tp.logprobs if mb.proximal_logprobs is None else mb.proximal_logprobs)
+                    - mb.behaviour_logprobs,
                     mb.valid,
                     mb.seq_index,
                     loss_cfg.is_mask,
@@ -897,9 +929,11 @@ class Learner:
         keep: Tensor | None,
         denominator: Tensor,
         sign_weights: tuple[float, float] | None = None,
+        graph: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """Forward with gradient, the policy loss over the global denominator, backward."""
-        logp, entropy, _, _, _ = self._forward(mb)
+        """Forward with gradient (or the statistics pass's kept one), the policy loss over the
+        global denominator, backward."""
+        logp, entropy = graph if graph is not None else self._forward(mb)[:2]
         generator = torch.Generator(device=logp.device).manual_seed(
             self.seed * 1_000_003 + self.state.optimizer_step * 1_009 + self.rank
         )
@@ -1121,7 +1155,9 @@ class Learner:
         metrics["driftrl_learner_grpo_zero_variance_frac"] = zero_variance_frac
         logprobs = torch.cat([p.logprobs for p in passes])
         metrics["driftrl_learner_mismatch_kl"] = mismatch_kl(
-            torch.where(valid, logprobs, 0.0), torch.cat([mb.behaviour_logprobs for mb in mbs]), valid & torch.isfinite(logprobs)
+            torch.where(valid, logprobs, 0.0),
+            torch.cat([mb.behaviour_logprobs for mb in mbs]),
+            valid & torch.isfinite(logprobs),
         )
         masked = torch.zeros_like(valid)
         if agreed.importance_masks[0] is not None:
