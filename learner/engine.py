@@ -69,7 +69,7 @@ from learner.losses import (
     policy_loss,
 )
 from learner.micro_batches import plan_micro_batches
-from learner.packing import PackedLayout, packed_attention_mask, packed_position_ids
+from learner.packing import PackedLayout, packed_attention_mask, packed_position_ids, use_segment_attention
 
 CHECKPOINT_STATE_FILE = "state.json"
 CHECKPOINT_ENGINE_TAG = "deepspeed"
@@ -496,6 +496,8 @@ class Learner:
             )
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         hf_model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
+        if cfg.packing:
+            use_segment_attention(hf_model)
         if cfg.gradient_checkpointing:
             # transformers checkpoints only in training mode; the model has no dropout to switch on
             hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

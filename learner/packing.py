@@ -9,19 +9,25 @@ every hidden state, log-prob and token statistic equals the padded row's at the 
     b0 b1 b2 b3 .      ->       sequence_ids  0 0 0 1 1 1 1 2
     c0 .  .  .  .               position_ids  0 1 2 0 1 2 3 0
 
-Attention per backend: sdpa takes a ``[1, 1, T, T]`` boolean block-diagonal causal mask, eager the
-same mask as an additive float one; flash-attention takes no mask and finds each sequence from the
-restarts of ``position_ids`` (transformers' varlen path, ``cu_seqlens`` from the position ids), so
-it never forms ``T × T``. The mask is built here rather than left to transformers' detection of
+Attention per backend: flash-attention takes no mask and finds each sequence from the restarts of
+``position_ids`` (transformers' varlen path, ``cu_seqlens`` from the position ids). Without it, a
+model switched to :data:`SEGMENT_ATTENTION` (:func:`use_segment_attention`, what the learner does
+when packing) runs sdpa causally on each sequence's slice of the row, its "mask" a
+:class:`PackedSegments` of the sequence lengths; that costs ``sum_i n_i²`` like the padded rows,
+not ``T²``: on the learner benchmark's response lengths the dense ``T × T`` mask of a 512-token
+micro-batch did ~3x the attention work of its sequences, and a larger budget made it worse.
+Plain sdpa and eager models take a ``[1, 1, T, T]`` boolean block-diagonal causal mask (eager as
+an additive float one). Masks are built here rather than left to transformers' detection of
 restarted position ids, so a change in that detection cannot silently let sequences attend across.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 # backends that find packed sequences from position ids and take no mask (transformers' varlen path)
 VARLEN_ATTENTION = (
@@ -97,23 +103,127 @@ def block_causal_mask(sequence_ids: Tensor) -> Tensor:
     return (same & causal)[:, None]
 
 
+# sdpa per packed sequence; registered with transformers by use_segment_attention
+SEGMENT_ATTENTION = "driftrl_segment_sdpa"
+
+
+@dataclass(frozen=True)
+class PackedSegments:
+    """The sequences of one packed ``[1, T]`` row: the attention "mask" of :data:`SEGMENT_ATTENTION`.
+
+    Passed inside the model's per-layer mask mapping (``attention_mask={layer type: ...}``), the one
+    argument transformers hands unchanged from the model's forward to every attention call.
+
+    Attributes:
+        lengths: tokens of each sequence, in row order; they sum to ``T``.
+    """
+
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def from_sequence_ids(cls, sequence_ids: Tensor) -> PackedSegments:
+        """Segments of a ``[1, T]`` int64 row whose sequences are contiguous."""
+        if sequence_ids.shape[0] != 1:
+            raise ValueError(f"one packed row expected, got {sequence_ids.shape[0]}")
+        _, counts = torch.unique_consecutive(sequence_ids[0], return_counts=True)
+        return cls(tuple(counts.tolist()))
+
+
+def segment_sdpa_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers attention function: causal sdpa on each packed sequence, else plain sdpa.
+
+    Args:
+        module: the attention module (transformers' interface).
+        query: ``[1, H, T, D]``; key, value: ``[1, H_kv, T, D]`` (grouped-query heads allowed).
+        attention_mask: :class:`PackedSegments` for a packed row; anything else (a padded batch's
+            mask, None) goes to transformers' own sdpa function unchanged.
+        dropout, scaling: as sdpa's ``dropout_p`` and ``scale``.
+        sliding_window: must be None or cover the longest sequence (no window is applied here).
+
+    Returns:
+        ``([1, T, H, D] output, None)``, the layout transformers' attention functions return.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not isinstance(attention_mask, PackedSegments):
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            **kwargs,
+        )
+    lengths = list(attention_mask.lengths)
+    if sliding_window is not None and max(lengths) > sliding_window:
+        raise NotImplementedError(
+            f"a {max(lengths)}-token packed sequence exceeds the sliding window {sliding_window}"
+        )
+    if query.shape[0] != 1 or sum(lengths) != query.shape[2]:
+        raise ValueError(f"segments of {sum(lengths)} tokens for a query of shape {tuple(query.shape)}")
+    gqa = query.shape[1] != key.shape[1]
+    # each slice is one sequence from its first token, so sdpa's own causal flag is exactly its mask
+    # and no kernel sees a mask (CPU and CUDA then take their fused paths)
+    out = [
+        torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa
+        )
+        for q, k, v in zip(
+            query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True
+        )
+    ]
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def use_segment_attention(model: nn.Module) -> None:
+    """Switch an sdpa transformers model to :data:`SEGMENT_ATTENTION` (others are left as they are).
+
+    Unpacked calls still get sdpa with transformers' sdpa mask, so only packed rows change path.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if model.config._attn_implementation != "sdpa":
+        return
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(SEGMENT_ATTENTION)
+
+
 def packed_attention_mask(
     sequence_ids: Tensor, attn_implementation: str, dtype: torch.dtype
-) -> Tensor | None:
+) -> Tensor | dict[str, PackedSegments] | None:
     """The attention mask a transformers backend needs for packed rows.
 
     Args:
-        sequence_ids: ``[n, T]`` int64.
+        sequence_ids: ``[n, T]`` int64 (``n = 1`` for :data:`SEGMENT_ATTENTION`).
         attn_implementation: the model config's ``_attn_implementation``.
         dtype: the activations' dtype (eager adds the mask to the scores).
 
     Returns:
-        None for flash-attention (varlen from the position ids), the boolean
+        None for flash-attention (varlen from the position ids); for :data:`SEGMENT_ATTENTION` the
+        per-layer-type mapping to the row's :class:`PackedSegments`; the boolean
         :func:`block_causal_mask` for sdpa and other mask-taking backends, its additive form
         (0 / dtype min) for eager.
     """
     if attn_implementation in VARLEN_ATTENTION:
         return None
+    if attn_implementation == SEGMENT_ATTENTION:
+        segments = PackedSegments.from_sequence_ids(sequence_ids)
+        return {"full_attention": segments, "sliding_attention": segments}
     mask = block_causal_mask(sequence_ids)
     if attn_implementation == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(

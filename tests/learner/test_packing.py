@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from learner.micro_batches import balance_rows_across_ranks, micro_batch_cost, plan_micro_batches
-from learner.packing import PackedLayout, block_causal_mask, packed_attention_mask, packed_position_ids
+from learner.packing import (
+    SEGMENT_ATTENTION,
+    PackedLayout,
+    PackedSegments,
+    block_causal_mask,
+    packed_attention_mask,
+    packed_position_ids,
+    use_segment_attention,
+)
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -60,15 +68,21 @@ def test_layout_positions_and_mask():
     assert packed_attention_mask(layout.sequence_ids, "flash_attention_2", torch.float32) is None
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", SEGMENT_ATTENTION])
 def test_packed_forward_equals_padded_forward(tmp_path, attn):
     from transformers import AutoModelForCausalLM
 
     from tasks.tiny_model import make_tiny_model
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(make_tiny_model(tmp_path / "m")), dtype=torch.float64, attn_implementation=attn
-    ).eval()
+    def load(implementation):
+        return AutoModelForCausalLM.from_pretrained(
+            str(make_tiny_model(tmp_path / "m")), dtype=torch.float64, attn_implementation=implementation
+        ).eval()
+
+    model = load("eager" if attn == "eager" else "sdpa")
+    if attn == SEGMENT_ATTENTION:
+        use_segment_attention(model)
+    assert model.config._attn_implementation == attn
     ids = torch.randint(4, 64, (3, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.arange(7)[None, :] < torch.tensor([[5], [7], [2]])
     layout = PackedLayout.from_attention_mask(mask)
@@ -80,4 +94,35 @@ def test_packed_forward_equals_padded_forward(tmp_path, attn):
             attention_mask=packed_attention_mask(seq, attn, torch.float64),
             position_ids=packed_position_ids(seq),
         ).logits
+        if attn == SEGMENT_ATTENTION:
+            # unpacked calls on the switched model are plain sdpa's, bit for bit
+            plain = load("sdpa")(input_ids=ids, attention_mask=mask.long()).logits
+            assert torch.equal(padded, plain)
     torch.testing.assert_close(layout.unpack(packed)[mask], padded[mask])
+
+
+def test_segment_attention_gradients_equal_the_dense_block_mask():
+    # float64 reference: one sdpa call over the whole row with the block-diagonal causal mask;
+    # 4 query heads on 2 key/value heads exercise the grouped-query path
+    from learner.packing import segment_sdpa_attention
+
+    gen = torch.Generator().manual_seed(1)
+    seq = torch.tensor([[0, 0, 0, 1, 2, 2, 2, 2, 2]])
+    q = torch.randn(1, 4, 9, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.randn(1, 2, 9, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    v = torch.randn(1, 2, 9, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    segments = PackedSegments.from_sequence_ids(seq)
+    assert segments.lengths == (3, 1, 5)
+    module = torch.nn.Module()
+    out, _ = segment_sdpa_attention(module, q, k, v, segments, scaling=0.3)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=block_causal_mask(seq), scale=0.3
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, reference)
+    weights = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    expected = torch.autograd.grad((reference * weights).sum(), (q, k, v))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError):
+        segment_sdpa_attention(module, q, k, v, PackedSegments((3, 1)))
