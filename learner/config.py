@@ -228,7 +228,8 @@ class LearnerConfig(StrictModel):
     )
     packing: bool = Field(
         False,
-        description="Concatenate each micro-batch's sequences into one row (restarted positions, block mask).",
+        description="Concatenate each micro-batch's sequences into one row (restarted positions; attention "
+        "confined to each sequence: sdpa per sequence on sdpa models, varlen with flash-attention).",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute decoder-layer activations in backward (long sequences, less memory)."
