@@ -59,6 +59,10 @@ class PipelineRates:
             call round trips); not divided by the ranks.
         weight_load_s: seconds a rollout actor pauses to load one new version.
         response_lengths: response lengths (tokens) to draw from; one value = fixed length.
+        rollout_group_overhead_s: rollout-side seconds per finished group outside the engine
+            (reward scoring, the Arrow table, the push, the driver's next call); the engine
+            makes no progress meanwhile (on the CPU stack they share a core; on a GPU the
+            engine waits for the next call's requests).
     """
 
     generation_tokens_per_s: float
@@ -66,11 +70,12 @@ class PipelineRates:
     learner_post_step_s: float = 0.0
     weight_load_s: float = 0.0
     response_lengths: tuple[int, ...] = (64,)
+    rollout_group_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.generation_tokens_per_s > 0 and self.learner_tokens_per_s > 0):
             raise ValueError(f"token rates must be > 0: {self}")
-        if self.learner_post_step_s < 0 or self.weight_load_s < 0:
+        if min(self.learner_post_step_s, self.weight_load_s, self.rollout_group_overhead_s) < 0:
             raise ValueError(f"seconds must be >= 0: {self}")
         if not self.response_lengths or min(self.response_lengths) < 1:
             raise ValueError("response_lengths: need at least one length, each >= 1")
@@ -148,6 +153,7 @@ class _Actor:
     accepted: int = 0
     running: list[_Group] = field(default_factory=list)
     pending_push: list[_Group] = field(default_factory=list)
+    scoring: list[tuple[float, _Group]] = field(default_factory=list)  # (ready time, group) in overhead
     paused_until: float = 0.0
     load_at: list[tuple[float, int]] = field(default_factory=list)  # (time, version) of queued loads
     loading_version: int | None = None  # the version being loaded until paused_until
@@ -198,13 +204,18 @@ class _Simulation:
         return (self.staleness + self.version + 1) * self.capacity_per_version
 
     def _top_up(self, actor: _Actor) -> None:
-        while len(actor.running) + len(actor.pending_push) < self.shape.prompts_per_request:
-            in_flight = len(actor.running) + len(actor.pending_push)
+        while self._held(actor) < self.shape.prompts_per_request:
+            in_flight = self._held(actor)
             if actor.accepted + in_flight + 1 > self._capacity():
                 return
             lengths = [self.rng.choice(self.rates.response_lengths) for _ in range(self.shape.group_size)]
             self.seq += 1
             actor.running.append(_Group(self.seq, actor.version, [float(n) for n in lengths], sum(lengths)))
+
+    @staticmethod
+    def _held(actor: _Actor) -> int:
+        """Groups the actor holds: generating, in its per-group overhead, or waiting to be pushed."""
+        return len(actor.running) + len(actor.scoring) + len(actor.pending_push)
 
     def _call_boundary(self, actor: _Actor) -> None:
         """One ``generate_step`` call: the driver's accepted count, pushes, top-up."""
@@ -312,8 +323,19 @@ class _Simulation:
             else:
                 finished = True
                 self.generated_tokens += g.tokens
-                actor.pending_push.append(g)
+                if self.rates.rollout_group_overhead_s > 0:
+                    # scored and pushed after the overhead, which holds the engine too
+                    overhead = self.rates.rollout_group_overhead_s
+                    actor.paused_until = max(actor.paused_until, self.now) + overhead
+                    actor.scoring.append((actor.paused_until, g))
+                else:
+                    actor.pending_push.append(g)
         actor.running = still
+        ready = [g for t, g in actor.scoring if t <= self.now + 1e-12]
+        if ready:
+            actor.scoring = [(t, g) for t, g in actor.scoring if t > self.now + 1e-12]
+            actor.pending_push.extend(ready)
+            finished = True
         return finished
 
     def _handle_due(self) -> None:
@@ -356,6 +378,7 @@ class _Simulation:
         for actor in self.actors:
             candidates.append(self._next_completion(actor))
             candidates.extend(t for t, _ in actor.load_at)
+            candidates.extend(t for t, _ in actor.scoring)
             if actor.loading_version is not None:
                 candidates.append(actor.paused_until)
         return min(candidates)
@@ -490,20 +513,49 @@ def rates_from_run_dir(path: str | Path) -> MeasuredRun:
     ranks = cfg.learner.data_parallel_size
     generated = _delta(rows, "rollout_tokens_generated")
     busy = _delta(rows, "rollout_generate_seconds")
-    if generated <= 0 or busy <= 0:
-        raise ValueError(f"{run.root}: no generation recorded between the first and the last step")
+    if generated > 0 and busy > 0:
+        generation_tokens_per_s = generated / busy
+    else:
+        # the actors' stats come every STATS_EVERY_S: a run of a few seconds may have one
+        # snapshot only; its cumulative rate (start-up included) is what there is
+        last_rate = _column(rows, "rollout_tokens_per_s")
+        if not last_rate or last_rate[-1] <= 0:
+            raise ValueError(f"{run.root}: no generation recorded between the first and the last step")
+        generation_tokens_per_s = last_rate[-1] / actors
+        generated = max(_column(rows, "rollout_tokens_generated"))
     trained_tokens = sum(_column(timed, "train_tokens"))
     step_seconds = sum(_column(timed, "step_seconds"))
     syncs = max(1, len(_column(timed, "sync_seconds")))
     load_per_actor = _delta(rows, "rollout_weight_load_seconds") / actors / syncs
     sync_seconds = sum(_column(timed, "sync_seconds")) / syncs
     lengths = tuple(max(1, round(x)) for x in _column(timed, "response_length_mean"))
+    group_overhead_s = 0.0
+    if cfg.run.mode == "sync":
+        # the learner waits for the sync, then for the batch: the wait less the sync is the
+        # generation phase; what the engine rate does not explain of it is per-group overhead
+        waits = [
+            r["learner_wait_seconds"] - r["sync_seconds"]
+            for r in timed
+            if math.isfinite(r.get("learner_wait_seconds", math.nan))
+            and math.isfinite(r.get("sync_seconds", math.nan))
+        ]
+        tokens = [
+            r["train_tokens"]
+            for r in timed
+            if math.isfinite(r.get("learner_wait_seconds", math.nan))
+            and math.isfinite(r.get("sync_seconds", math.nan))
+        ]
+        if waits:
+            engine_s = sum(tokens) / (generation_tokens_per_s * actors)
+            groups = len(waits) * cfg.learner.groups_per_step / actors
+            group_overhead_s = max(0.0, (sum(waits) - engine_s) / groups)
     rates = PipelineRates(
-        generation_tokens_per_s=generated / busy,
+        generation_tokens_per_s=generation_tokens_per_s,
         learner_tokens_per_s=trained_tokens / step_seconds / ranks,
         learner_post_step_s=max(0.0, sync_seconds - load_per_actor) / cfg.learner.sync_interval,
         weight_load_s=load_per_actor,
         response_lengths=lengths,
+        rollout_group_overhead_s=group_overhead_s,
     )
     shape = PipelineShape(
         mode=cfg.run.mode,

@@ -85,6 +85,22 @@ def test_sync_mode_is_the_sum_of_its_phases() -> None:
     assert got.stale_groups > 0
 
 
+def test_per_group_rollout_overhead_adds_to_the_sync_generation_phase() -> None:
+    # as above, plus 4 groups x 0.01 s outside the engine: 0.38 + 0.04 = 0.42 s a step
+    rates = PipelineRates(
+        800.0,
+        400.0,
+        learner_post_step_s=0.03,
+        weight_load_s=0.05,
+        response_lengths=(10,),
+        rollout_group_overhead_s=0.01,
+    )
+    # an exact admission count: with the lagging one, the stale extra batch's overhead now and
+    # then runs into the next generation phase (0.4206 s a step)
+    got = simulate(rates, PipelineShape(mode="sync", admission_lag_s=0, **SMALL), steps=40)
+    assert got.steps_per_s == pytest.approx(1 / 0.42, rel=1e-6)
+
+
 def test_async_overlaps_what_sync_adds_up() -> None:
     rates = PipelineRates(800.0, 400.0, learner_post_step_s=0.03, weight_load_s=0.05, response_lengths=(10,))
     sync = simulate(rates, PipelineShape(mode="sync", **SMALL), steps=40)
@@ -140,6 +156,7 @@ def _fake_run(tmp_path: Path) -> Path:
                 "train_tokens": 600.0,
                 "step_seconds": 0.2,
                 "sync_seconds": 0.05,
+                "learner_wait_seconds": 0.35,
                 "rollout_tokens_generated": 1000.0 * step,
                 "rollout_generate_seconds": 0.25 * step,
                 "rollout_weight_load_seconds": 0.01 * step,
@@ -163,6 +180,9 @@ def test_rates_from_a_run_directory(tmp_path: Path) -> None:
     assert rates.weight_load_s == pytest.approx(0.01)
     assert rates.learner_post_step_s == pytest.approx(0.04)
     assert rates.response_lengths == (10, 10, 10, 10)
+    # generation phases: 4 x (0.35 - 0.05) = 1.2 s, the engine explains 2400 / 4000 = 0.6 s of it,
+    # over 4 steps x 4 groups: 0.0375 s a group
+    assert rates.rollout_group_overhead_s == pytest.approx(0.0375)
     assert measured.shape.mode == "sync" and measured.shape.groups_per_step == 4
     assert measured.steps_per_s == pytest.approx(2.0)
     # 4000 generated over 2400 trained
