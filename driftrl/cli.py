@@ -360,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--groups-per-step", type=int, default=None, help="learner.groups_per_step")
     shape.add_argument("--group-size", type=int, default=None, help="rollout.group_size")
     shape.add_argument("--prompts-per-request", type=int, default=None, help="rollout.prompts_per_request")
+    shape.add_argument(
+        "--admission-lag-s",
+        type=float,
+        default=None,
+        help="Age of the buffer count behind the driver's admission figure (default: its stats period; 0: exact).",
+    )
     p.set_defaults(handler=_plan)
 
     p = sub.add_parser("eval", help="Avg@K and Pass@K of a checkpoint on held-out data.")

@@ -626,6 +626,7 @@ def plan_main(args: Any) -> int:
         "max_staleness": args.max_staleness,
         "sync_interval": args.sync_interval,
         "prompts_per_request": args.prompts_per_request,
+        "admission_lag_s": args.admission_lag_s,
     }
     shape_given = {k: v for k, v in shape_given.items() if v is not None}
     shape = replace(measured.shape if measured else PipelineShape(), **shape_given)
