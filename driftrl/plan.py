@@ -517,12 +517,15 @@ def rates_from_run_dir(path: str | Path) -> MeasuredRun:
         generation_tokens_per_s = generated / busy
     else:
         # the actors' stats come every STATS_EVERY_S: a run of a few seconds may have one
-        # snapshot only; its cumulative rate (start-up included) is what there is
+        # snapshot or none; then the cumulative rate (start-up included), else trained tokens
+        # over wall time (a crude bound: it counts the learner's time too)
         last_rate = _column(rows, "rollout_tokens_per_s")
-        if not last_rate or last_rate[-1] <= 0:
-            raise ValueError(f"{run.root}: no generation recorded between the first and the last step")
-        generation_tokens_per_s = last_rate[-1] / actors
-        generated = max(_column(rows, "rollout_tokens_generated"))
+        walls = _column(rows, "wall_seconds")
+        if last_rate and last_rate[-1] > 0:
+            generation_tokens_per_s = last_rate[-1] / actors
+        else:
+            generation_tokens_per_s = sum(_column(timed, "train_tokens")) / (walls[-1] - walls[0]) / actors
+        generated = max(max(_column(rows, "rollout_tokens_generated")), sum(_column(rows, "train_tokens")))
     trained_tokens = sum(_column(timed, "train_tokens"))
     step_seconds = sum(_column(timed, "step_seconds"))
     syncs = max(1, len(_column(timed, "sync_seconds")))

@@ -215,3 +215,13 @@ def test_cli_plan_from_a_run_dir_and_by_hand(tmp_path: Path, capsys: pytest.Capt
         == 0
     )
     assert math.isfinite(__import__("json").loads(capsys.readouterr().out)["best"]["steps_per_s"])
+
+
+def test_a_run_shorter_than_one_stats_period_falls_back_to_trained_tokens(tmp_path: Path) -> None:
+    root = _fake_run(tmp_path)
+    table = pq.read_table(root / "metrics.parquet").to_pylist()
+    for row in table:
+        row.update(rollout_tokens_generated=0.0, rollout_generate_seconds=0.0, rollout_tokens_per_s=0.0)
+    pq.write_table(pa.Table.from_pylist(table), root / "metrics.parquet")
+    # steps 2..5 trained 2400 tokens; the wall clock went from 10.5 to 12.5 s
+    assert rates_from_run_dir(root).rates.generation_tokens_per_s == pytest.approx(1200.0)
