@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     rates.add_argument("--learner-post-step-s", type=float, default=None, help="Learner s per step outside train_step.")
     rates.add_argument("--weight-load-s", type=float, default=None, help="Rollout pause per weight sync.")
     rates.add_argument("--response-length", type=int, default=None, help="Fixed response length (tokens).")
+    rates.add_argument(
+        "--rollout-group-overhead-s", type=float, default=None, help="Rollout s per group outside the engine."
+    )
     shape = p.add_argument_group("pipeline (override the run's config)")
     shape.add_argument("--mode", choices=["sync", "async"], default=None, help="run.mode")
     shape.add_argument("--max-staleness", type=int, default=None, help="learner.max_staleness")

@@ -620,6 +620,7 @@ def plan_main(args: Any) -> int:
         learner_tokens_per_s=args.learner_tokens_per_s,
         learner_post_step_s=args.learner_post_step_s,
         weight_load_s=args.weight_load_s,
+        rollout_group_overhead_s=args.rollout_group_overhead_s,
         response_lengths=None if args.response_length is None else (args.response_length,),
     )
     shape_given = {
@@ -651,7 +652,8 @@ def plan_main(args: Any) -> int:
     print(
         f"rates ({source}): generation {rates.generation_tokens_per_s:.0f} tokens/s per rollout GPU, learner "
         f"{rates.learner_tokens_per_s:.0f} tokens/s per rank, {rates.learner_post_step_s:.3f} s learner time per "
-        f"step outside train_step, weight load {rates.weight_load_s:.3f} s, mean response "
+        f"step outside train_step, weight load {rates.weight_load_s:.3f} s, rollout overhead "
+        f"{rates.rollout_group_overhead_s:.4f} s per group, mean response "
         f"{rates.response_length_mean:.1f} tokens"
     )
     if measured:
