@@ -8,7 +8,8 @@ before it is paid for:
   once, ``generation_tokens_per_s`` in total, shared equally by the running responses (a
   response's tokens come from ``response_lengths``; a group finishes with its longest response).
   At most ``prompts_per_request`` groups in flight or waiting to be pushed. A group's
-  ``version_start`` is the actor's weight version when it was submitted.
+  ``version_start`` is the actor's weight version when it was submitted. Each finished group then
+  holds the actor ``rollout_group_overhead_s`` (scoring, push, the next call) before it is pushed.
 * **admission** (actors/admission.py): a group starts only while
   ``accepted + in_flight + 1 <= (max_staleness + v + 1) * groups_per_step * sync_interval``.
   As in the driver, ``accepted`` is reset at every ``generate_step`` call to
