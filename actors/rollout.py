@@ -151,6 +151,7 @@ class RolloutWorker:
         self._skipped: dict[str, int] = dict.fromkeys((*ROW_REJECT_REASONS, PROMPT_TOO_LONG), 0)
         self._push_rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self._busy_since: float | None = None
+        self._last_group_done = 0.0  # perf_counter() when the engine last finished a group
         self._last_push_result: Any = None
         self._last_push_error: str | None = None
 
@@ -230,6 +231,7 @@ class RolloutWorker:
             if final is None:
                 raise RuntimeError(f"engine returned no output for {request_id}")
             if not any(c.finish_reason == "abort" for c in final.outputs):
+                self._last_group_done = time.perf_counter()
                 return final
             attempt += 1
             self._counters["resubmitted_groups"] += 1
@@ -359,16 +361,21 @@ class RolloutWorker:
             submitted_version=self._version,
         )
         future = asyncio.run_coroutine_threadsafe(self._generate_group(group), self._loop)
-        if not self._in_flight and self._busy_since is None:
+        if self._busy_since is not None and all(f.done() for f in self._in_flight):
+            # the engine went idle after its last group and this call is the first to see it
+            self._mark_idle_if_empty(force=True)
+        if self._busy_since is None:
             self._busy_since = time.perf_counter()
         self._in_flight[future] = group
 
     def _pending_groups(self) -> int:
         return sum(len(positions) for _, positions in self._pending_push)
 
-    def _mark_idle_if_empty(self) -> None:
-        if not self._in_flight and self._busy_since is not None:
-            self._counters["generate_seconds"] += time.perf_counter() - self._busy_since
+    def _mark_idle_if_empty(self, force: bool = False) -> None:
+        if (force or not self._in_flight) and self._busy_since is not None:
+            # busy ends when the last group finished, not when a call noticed: in sync mode no call
+            # comes while the learner trains, and that wait is not generation (tokens_per_s)
+            self._counters["generate_seconds"] += max(self._last_group_done - self._busy_since, 0.0)
             self._busy_since = None
 
     def generate_step(
@@ -570,7 +577,8 @@ class RolloutWorker:
         counters = dict(self._counters)
         busy_s = counters["generate_seconds"]
         if self._busy_since is not None:
-            busy_s += time.perf_counter() - self._busy_since
+            idle = all(f.done() for f in self._in_flight)
+            busy_s += max((self._last_group_done if idle else time.perf_counter()) - self._busy_since, 0.0)
         reward = self.scorer.stats
         return {
             "actor_id": self.actor_id,

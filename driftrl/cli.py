@@ -93,6 +93,16 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from driftrl.plan import plan_main
+
+    try:
+        return plan_main(args)
+    except ValueError as err:
+        print(f"driftrl plan: error: {err}", file=sys.stderr)
+        return 2
+
+
 def _check_config(args: argparse.Namespace) -> int:
     from driftrl.config import dump_config
 
@@ -328,6 +338,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="Report folder (compare.md, compare.json, PNGs).")
     p.add_argument("--window", type=int, default=10, help="Steps averaged for 'last' values and the curves.")
     p.set_defaults(handler=_compare)
+
+    p = sub.add_parser(
+        "plan", help="Simulate the pipeline on N GPUs from a run's measured rates (or given ones); best split."
+    )
+    p.add_argument("run_dir", nargs="?", default=None, metavar="RUN_DIR", help="Run directory to take rates from.")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs to split between rollout actors and learner ranks.")
+    p.add_argument("--steps", type=int, default=100, help="Learner steps simulated per split.")
+    p.add_argument("--seed", type=int, default=0, help="Response-length sampling seed.")
+    p.add_argument("--json", action="store_true", help="One JSON object instead of the table.")
+    rates = p.add_argument_group("rates (override the run's, or give them all without RUN_DIR)")
+    rates.add_argument("--generation-tokens-per-s", type=float, default=None, help="Per rollout GPU, while busy.")
+    rates.add_argument("--learner-tokens-per-s", type=float, default=None, help="Trained tokens/s per learner rank.")
+    rates.add_argument("--learner-post-step-s", type=float, default=None, help="Learner s per step outside train_step.")
+    rates.add_argument("--weight-load-s", type=float, default=None, help="Rollout pause per weight sync.")
+    rates.add_argument("--response-length", type=int, default=None, help="Fixed response length (tokens).")
+    rates.add_argument(
+        "--rollout-group-overhead-s", type=float, default=None, help="Rollout s per group outside the engine."
+    )
+    shape = p.add_argument_group("pipeline (override the run's config)")
+    shape.add_argument("--mode", choices=["sync", "async"], default=None, help="run.mode")
+    shape.add_argument("--max-staleness", type=int, default=None, help="learner.max_staleness")
+    shape.add_argument("--sync-interval", type=int, default=None, help="learner.sync_interval")
+    shape.add_argument("--groups-per-step", type=int, default=None, help="learner.groups_per_step")
+    shape.add_argument("--group-size", type=int, default=None, help="rollout.group_size")
+    shape.add_argument("--prompts-per-request", type=int, default=None, help="rollout.prompts_per_request")
+    shape.add_argument(
+        "--admission-lag-s",
+        type=float,
+        default=None,
+        help="Age of the buffer count behind the driver's admission figure (default: its stats period; 0: exact).",
+    )
+    p.set_defaults(handler=_plan)
 
     p = sub.add_parser("eval", help="Avg@K and Pass@K of a checkpoint on held-out data.")
     _add_config_args(p)

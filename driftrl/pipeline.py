@@ -639,8 +639,14 @@ class Driver:
         row["wall_seconds"] = self.wall_offset + time.monotonic() - self.t0
         row["buffer_rows_available"] = float(self.buffer_stats.get("rows_available", 0))
         row["buffer_rows_leased"] = float(self.buffer_stats.get("rows_leased", 0))
-        rates = [float(s.get("tokens_per_s", 0.0)) for s in self.rollout_stats.values()]
-        row["rollout_tokens_per_s"] = sum(rates)
+        stats = list(self.rollout_stats.values())
+        row["rollout_tokens_per_s"] = sum(float(s.get("tokens_per_s", 0.0)) for s in stats)
+        # cumulative rollout-side work, as of the latest stats: `driftrl plan` needs generated (not
+        # only trained) tokens, the engines' busy seconds and their weight-load pauses
+        row["rollout_tokens_generated"] = sum(float(s.get("tokens_generated", 0)) for s in stats)
+        row["rollout_generate_seconds"] = sum(float(s.get("generate_seconds", 0.0)) for s in stats)
+        row["rollout_weight_load_seconds"] = sum(float(s.get("sync_seconds_total", 0.0)) for s in stats)
+        row["buffer_rows_evicted_stale"] = float(self.buffer_stats.get("evicted", {}).get("stale", 0))
         row["sync_seconds"] = self.last_sync_seconds
         row["learner_wait_seconds"] = self.learner_wait_s
         row["step"] = float(self.step)

@@ -32,6 +32,10 @@ DRIVER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("buffer_rows_available", "replay buffer rows waiting to be trained on"),
     ("buffer_rows_leased", "replay buffer rows leased to the learner"),
     ("rollout_tokens_per_s", "generation throughput summed over the rollout actors"),
+    ("rollout_tokens_generated", "response tokens the rollout actors generated so far (trained or not)"),
+    ("rollout_generate_seconds", "seconds the rollout engines had work so far, summed over actors"),
+    ("rollout_weight_load_seconds", "seconds the rollout actors spent loading weights so far, summed"),
+    ("buffer_rows_evicted_stale", "rows the buffer dropped so far as older than learner.max_staleness"),
     ("wall_seconds", "seconds since the run started"),
 )
 

@@ -373,3 +373,21 @@ def test_rows_the_buffer_rejects_are_dropped_and_counted_by_reason(
         assert buffer.stats()["accepted"] == GROUP_SIZE * accepted_groups
     finally:
         worker.sink = sink
+
+
+def test_engine_busy_seconds_stop_when_the_last_group_finishes(worker: RolloutWorker) -> None:
+    # sync mode: the driver makes no call while the learner trains; finished groups wait in the
+    # actor, and that wait is not generation (tokens_per_s is tokens over the engine's busy time)
+    generate_rows(worker, min_groups=1)
+    deadline = time.monotonic() + 60
+    while not (worker._in_flight and all(f.done() for f in worker._in_flight)):
+        assert time.monotonic() < deadline, "the top-up's groups did not finish"
+        time.sleep(0.05)
+    before = worker.stats()["generate_seconds"]
+    time.sleep(0.5)
+    assert worker.stats()["generate_seconds"] == before
+    started = time.monotonic()
+    worker.generate_step()
+    call_s = time.monotonic() - started
+    # the closed interval ends at the last group's finish: the 0.5 s idle wait is not in it
+    assert worker.stats()["generate_seconds"] - before <= call_s + 1e-6

@@ -44,6 +44,10 @@ def driver_rows(n_steps: int = 20) -> list[dict[str, float]]:
             buffer_rows_available=float(40 - step),
             buffer_rows_leased=8.0,
             rollout_tokens_per_s=100.0 + step,
+            rollout_tokens_generated=700.0 * step,
+            rollout_generate_seconds=1.2 * step,
+            rollout_weight_load_seconds=0.01 * step,
+            buffer_rows_evicted_stale=float(step // 3),
         )
         if step % SYNC_EVERY == 0:
             probe = 2.0 - 0.001 * step**2
