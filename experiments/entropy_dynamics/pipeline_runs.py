@@ -439,6 +439,16 @@ def train_or_reuse(cfg: Any, progress: bool) -> tuple[Path, float, bool]:
     return run_dir, seconds, False
 
 
+def _finished(cfg: Any) -> bool:
+    """Whether ``cfg``'s run directory holds a finished run of that same config."""
+    run_dir = Path(cfg.run.root_dir) / cfg.run.name
+    return (
+        (run_dir / "final_model" / "config.json").is_file()
+        and (run_dir / "metrics.parquet").is_file()
+        and _same_config(run_dir / "config.yaml", cfg)
+    )
+
+
 def _same_config(stored: Path, cfg: Any) -> bool:
     """Whether the run directory's config is ``cfg``, read through today's schema: an option added
     after the run was made counts at its default (what the run used), not as a difference."""
@@ -456,14 +466,55 @@ def _read_rows(run_dir: Path) -> list[dict[str, float]]:
     return pq.read_table(run_dir / "metrics.parquet").to_pylist()
 
 
+EVAL_FILE = "experiment_eval.json"
+
+
 def evaluate_models(
-    models: Mapping[str, Path], cfg: Any, k: int, questions: int, temperature: float, seed: int
+    models: Mapping[str, Path],
+    cfg: Any,
+    k: int,
+    questions: int,
+    temperature: float,
+    seed: int,
+    cache: Mapping[str, Path] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Avg@K, Pass@K (vLLM sampling) and greedy accuracy of each model on the held-out questions.
 
     Every model samples with the same per-question seeds, so the differences between models are
-    not inflated by independent sampling noise.
+    not inflated by independent sampling noise. ``cache[name]`` is a JSON file holding the
+    evaluation of that model under the same settings (read if it is, written after evaluating):
+    a run is evaluated right after it trains, in the same CPU slot, and the report reads it back.
     """
+    cache = cache or {}
+    settings = {
+        "k": k,
+        "questions": questions,
+        "temperature": temperature,
+        "seed": seed,
+        "eval_path": str(cfg.task.eval_path),
+    }
+    out: dict[str, dict[str, Any]] = {}
+    todo: dict[str, Path] = {}
+    for name, path in models.items():
+        file = cache.get(name)
+        stored = json.loads(file.read_text()) if file is not None and file.is_file() else None
+        if stored is not None and stored.get("settings") == {**settings, "model": str(path)}:
+            out[name] = stored["score"]
+        else:
+            todo[name] = path
+    if not todo:
+        return out
+    for name, score in _evaluate(todo, cfg, k, questions, temperature, seed).items():
+        out[name] = score
+        if name in cache:
+            cache[name].write_text(json.dumps({"settings": {**settings, "model": str(todo[name])}, "score": score}))
+    return {name: out[name] for name in models}
+
+
+def _evaluate(
+    models: Mapping[str, Path], cfg: Any, k: int, questions: int, temperature: float, seed: int
+) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate_models` without the cache."""
     from transformers import AutoTokenizer
 
     from driftrl.cli import make_verifier
@@ -482,7 +533,7 @@ def evaluate_models(
     )
     rows = load_rows(cfg.task.eval_path)[:questions]
     # every model here shares the warm start's character tokenizer
-    budget = answer_token_budget(AutoTokenizer.from_pretrained(str(models[WARM])), rows, cfg.task.answer_key)
+    budget = answer_token_budget(AutoTokenizer.from_pretrained(str(next(iter(models.values())))), rows, cfg.task.answer_key)
     verifier = make_verifier(cfg.task.type)
     setup = SamplingSetup(temperature=temperature, top_p=1.0, max_tokens=cfg.rollout.max_tokens, seed=seed)
     out: dict[str, dict[str, Any]] = {}
@@ -694,16 +745,16 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         "",
         f"## Results (mean ± std over seeds; first/last = mean of the first/last {s['window']} steps)",
         "",
-        "| method | ε low/high | batch entropy first → last | probe entropy start → last | reward first → last | "
+        "| method | seeds | ε low/high | batch entropy first → last | probe entropy start → last | reward first → last | "
         "masked all / A>0 / A<0 | staleness | "
         f"Avg@{k} | Pass@{k} | greedy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| warm start (measured in this run) | | | | | | | {w['avg_at_k']:.3f} | {w['pass_at_k']:.3f} | "
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| warm start (measured in this run) | | | | | | | | {w['avg_at_k']:.3f} | {w['pass_at_k']:.3f} | "
         f"{w['greedy_accuracy']:.3f} |",
     ]
     for method, b in by_method.items():
         lines.append(
-            f"| {METHOD_LABELS[method]} | {s.get('clip_eps', {}).get(method, '')} | "
+            f"| {METHOD_LABELS[method]} | {len(b['steps']['per_seed'])} | {s.get('clip_eps', {}).get(method, '')} | "
             f"{b['entropy_first']['mean']:.3f} → {_pm(b['entropy_last'])} | "
             f"{b['probe_entropy_start']['mean']:.3f} → {_pm(b['probe_entropy_last'])} | "
             f"{b['reward_first']['mean']:.3f} → {_pm(b['reward_last'])} | "
@@ -726,7 +777,7 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
             + "; ".join(
                 f"s{x} {b['avg_at_k']['per_seed'][x]:.3f} / {b['pass_at_k']['per_seed'][x]:.3f} / "
                 f"{b['greedy_accuracy']['per_seed'][x]:.3f}"
-                for x in seeds
+                for x in b["avg_at_k"]["per_seed"]
             )
         )
     lines += _mode_lines(results)
@@ -742,7 +793,7 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         for key, c in comparisons.items():
             lines.append(
                 f"| {METHOD_LABELS[method]} | {labels[key]} | "
-                + " | ".join(f"{c['per_seed'][x]:+.3f}" for x in seeds)
+                + " | ".join(f"{c['per_seed'][x]:+.3f}" if x in c["per_seed"] else "–" for x in seeds)
                 + f" | {c['mean']:+.3f} | {c['noise']:.3f} | {c['verdict']} |"
             )
     lines += [
@@ -758,7 +809,7 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         sign = pooled["sign_agreement"]
         lines.append(
             f"| {METHOD_LABELS[method]} | "
-            + ", ".join(f"{b['same_batch_pearson_r']['per_seed'][x]:.3f}" for x in seeds)
+            + ", ".join(f"{v:.3f}" for v in b["same_batch_pearson_r"]["per_seed"].values())
             + f" | {'n/a' if r is None else f'{r:.3f}'} | {'n/a' if sign is None else f'{sign:.2f}'} | "
             f"{pooled['steps']} |"
         )
@@ -786,7 +837,7 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         lines.append(
             f"| {METHOD_LABELS[method]} | {_pm(b['dropped_frac'], 4)} | {_pm(b['dropped_frac_pos_adv'], 4)} | "
             f"{_pm(b['dropped_frac_neg_adv'], 4)} | "
-            + ", ".join(f"{b['dropped_frac']['per_seed'][x]:.4f}" for x in seeds)
+            + ", ".join(f"{v:.4f}" for v in b["dropped_frac"]["per_seed"].values())
             + f" | {b['ppo_clipped_frac']['mean']:.4f} | {b['ratio_mean']['mean']:.3f} | "
             f"{max(b['ratio_max']['per_seed'].values()):.2f} |"
         )
@@ -803,7 +854,7 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         r = pooled["pearson_r"]
         lines.append(
             f"| {METHOD_LABELS[method]} | "
-            + ", ".join(f"{b['delta_entropy_pearson_r']['per_seed'][x]:.3f}" for x in seeds)
+            + ", ".join(f"{v:.3f}" for v in b["delta_entropy_pearson_r"]["per_seed"].values())
             + f" | {'n/a' if r is None else f'{r:.3f}'} | {pooled['block_pearson_r']:.3f} ({pooled['blocks']}) | "
             f"{pooled['sign_agreement']:.2f} | {pooled['realised_negative_frac']:.2f} | {pooled['syncs']} |"
         )
@@ -850,6 +901,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="Train (or reuse) the runs asked for and stop: one run per call lets a shared machine interleave them.",
     )
+    p.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="Report only the runs already finished with the same config; train nothing (the rest are left out).",
+    )
     p.add_argument("--setup-only", action="store_true", help="With --train-only: build data and warm start, then stop.")
     p.add_argument("overrides", nargs="*", help="Further dotted config overrides for every run.")
     args = p.parse_args(argv)
@@ -893,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in args.methods}
+    Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for method in args.methods:
             cfg = load_config(
@@ -905,7 +962,21 @@ def main(argv: list[str] | None = None) -> int:
                     *method_overrides(method),
                 ],
             )
+            if args.reuse_only and not _finished(cfg):
+                print(f"seed {seed} {method}: no finished run, left out (--reuse-only)", flush=True)
+                continue
             run_dir, seconds, reused = train_or_reuse(cfg, args.progress)
+            if args.train_only:
+                # evaluated in the same CPU slot as its training; the report reads the cache
+                evaluate_models(
+                    {run_name(method, seed): run_dir / "final_model"},
+                    base,
+                    args.k,
+                    args.heldout,
+                    args.eval_temperature,
+                    args.eval_seed,
+                    {run_name(method, seed): run_dir / EVAL_FILE},
+                )
             rows = _read_rows(run_dir)
             runs[method][seed] = {"run_dir": str(run_dir), "seconds": seconds, "reused": reused, "rows": rows}
             last = summarise_run(rows, args.window)
@@ -919,13 +990,18 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = time.perf_counter() - started
     if args.train_only:
         return 0
+    runs = {m: by for m, by in runs.items() if by}
+    if BASELINE not in runs:
+        p.error(f"no finished run of the baseline {BASELINE!r}")
 
     models = {WARM: Path(base.model.path)}
     models.update(
         {run_name(m, s): Path(r["run_dir"]) / "final_model" for m, by in runs.items() for s, r in by.items()}
     )
     eval_started = time.perf_counter()
-    evals = evaluate_models(models, base, args.k, args.heldout, args.eval_temperature, args.eval_seed)
+    cache = {WARM: Path(args.runs_dir) / f"warm_start_{EVAL_FILE}"}
+    cache.update({run_name(m, s): Path(r["run_dir"]) / EVAL_FILE for m, by in runs.items() for s, r in by.items()})
+    evals = evaluate_models(models, base, args.k, args.heldout, args.eval_temperature, args.eval_seed, cache)
     eval_seconds = time.perf_counter() - eval_started
 
     summary = summarise(runs, evals, args.window, args.k)

@@ -227,12 +227,29 @@ def test_report_from_synthetic_runs(tmp_path: Path) -> None:
     }
     text = summary_markdown(results)
     assert "| ClipV (released) | batch entropy (last window) | +0.050 | +0.050 |" in text
-    assert "| warm start (measured in this run) | | | | | | | 0.300 | 0.500 | 0.300 |" in text
+    assert "| warm start (measured in this run) | | | | | | | | 0.300 | 0.500 | 0.300 |" in text
     # multi_answer: the copy's share per method, the warm start's from its own evaluation
     assert "| warm start (this run's evaluation) | 0.300 | 0.075 | 0.150 | 0.030 |" in text
     assert "| ClipV (released) | 0.405 ± 0.005 | 0.101 ± 0.001 |" in text
-    assert "| GRPO (ε 0.2/0.2) | 0.2/0.2 |" in text
+    assert "| GRPO (ε 0.2/0.2) | 2 | 0.2/0.2 |" in text
     assert "## Same-batch entropy change" in text
     # 4 runs of 30 s each
     assert "training 2.0 min (4 runs, 30 s each" in text
     assert all((tmp_path / name).stat().st_size > 0 for name in results["plots"])
+
+
+def test_evaluation_cache_is_read_back_only_for_the_same_settings(tmp_path: Path) -> None:
+    import json
+    from types import SimpleNamespace
+
+    from experiments.entropy_dynamics.pipeline_runs import evaluate_models
+
+    cfg = SimpleNamespace(task=SimpleNamespace(eval_path="h.parquet"))
+    model = tmp_path / "final_model"
+    file = tmp_path / "eval.json"
+    settings = {"k": 8, "questions": 4, "temperature": 0.7, "seed": 0, "eval_path": "h.parquet", "model": str(model)}
+    file.write_text(json.dumps({"settings": settings, "score": {"avg_at_k": 0.25}}))
+    assert evaluate_models({"m": model}, cfg, 8, 4, 0.7, 0, {"m": file}) == {"m": {"avg_at_k": 0.25}}
+    # another K is another evaluation: it is attempted (and fails here: no model on disk)
+    with pytest.raises(Exception):
+        evaluate_models({"m": model}, cfg, 4, 4, 0.7, 0, {"m": file})
