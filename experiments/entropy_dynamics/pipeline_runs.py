@@ -710,6 +710,9 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
     run_seconds = [r["seconds"] for by in results["runs"].values() for r in by.values()]
     train_s, n_runs = math.fsum(run_seconds), len(run_seconds)
     w = evals[WARM]
+    missing = [
+        run_name(m, x) for m in s["methods"] for x in seeds if str(x) not in map(str, results["runs"].get(m, {}))
+    ]
     task = (
         "string reversal (`task.variant=reversal`)"
         if variant == "reversal"
@@ -721,7 +724,15 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         "",
         f"`{s['command']}`",
         "",
-        f"Task: {task}. {len(s['methods'])} methods × seeds {seeds}, {s['steps']} learner steps each, from the same "
+        f"Task: {task}. {len(s['methods'])} methods × seeds {seeds} asked, {s['steps']} learner steps each; "
+        + (
+            "all runs reported. "
+            if not missing
+            else f"**{n_runs} of {len(s['methods']) * len(seeds)} runs finished and reported** (`--reuse-only`; "
+            f"missing: {', '.join(missing)}), so some methods have fewer seeds (column `seeds`) and a method with one "
+            "seed gets no verdict. "
+        )
+        + "Every run starts from the same "
         f"warm start `{s['warm_start']}`, whose accuracy was measured in this run's own evaluation: greedy "
         f"{w['greedy_accuracy']:.3f}, Avg@{k} {w['avg_at_k']:.3f}, Pass@{k} {w['pass_at_k']:.3f} on the "
         f"{s['heldout']} held-out questions. `{s['config']}` with lr {s['lr']:g}, {s['groups_per_step']} prompts × "

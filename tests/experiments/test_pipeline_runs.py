@@ -233,9 +233,16 @@ def test_report_from_synthetic_runs(tmp_path: Path) -> None:
     assert "| ClipV (released) | 0.405 ± 0.005 | 0.101 ± 0.001 |" in text
     assert "| GRPO (ε 0.2/0.2) | 2 | 0.2/0.2 |" in text
     assert "## Same-batch entropy change" in text
+    assert "all runs reported" in text
     # 4 runs of 30 s each
     assert "training 2.0 min (4 runs, 30 s each" in text
     assert all((tmp_path / name).stat().st_size > 0 for name in results["plots"])
+    # a run left out is named, and the one-seed method gets no verdict
+    del results["runs"]["clip_v"][1]
+    results["summary"] = summarise({m: dict(v) for m, v in results["runs"].items()}, evals, window=2, k=8)
+    text = summary_markdown(results)
+    assert "**3 of 4 runs finished and reported** (`--reuse-only`; missing: clip_v-s1)" in text
+    assert "one seed: no verdict" in text
 
 
 def test_evaluation_cache_is_read_back_only_for_the_same_settings(tmp_path: Path) -> None:
