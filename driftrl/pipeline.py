@@ -1033,6 +1033,8 @@ def ensure_tiny_default(cfg: DriftConfig, progress: bool = True) -> dict[str, An
             prompt_key=cfg.task.prompt_key,
             answer_key=cfg.task.answer_key,
             progress=progress,
+            variant=cfg.task.variant,
+            rare_frac=cfg.task.rare_frac,
         )
     except WarmStartMismatchError as err:
         raise ConfigError(str(err)) from None

@@ -233,6 +233,21 @@ class WarmStartMismatchError(ValueError):
     """The cached warm start at a model path was made with other settings than a run asks for."""
 
 
+def _check_data_variant(train_path: Path, variant: str) -> None:
+    """Existing synthetic data must be of the asked variant: reusing reversal rows for a multi_answer
+    run (or the reverse) would train and score the wrong task without a word."""
+    spec = train_path.with_name(train_path.stem + ".spec.json")
+    if not spec.is_file():
+        return
+    made = json.loads(spec.read_text()).get("task", "reversal")
+    if made != variant:
+        raise WarmStartMismatchError(
+            f"task.train_path={train_path} holds {made!r} data ({spec}); this run asks for "
+            f"task.variant={variant!r}. Point task.train_path, task.eval_path and model.path at other "
+            f"directories for it (e.g. runs/tiny-{variant}-data/..., runs/tiny-{variant}-model/warm)"
+        )
+
+
 def ensure_tiny_setup(
     *,
     train_path: str | Path,
@@ -272,6 +287,8 @@ def ensure_tiny_setup(
     train_path, heldout_path = Path(train_path), Path(eval_path)
     if synthetic and not (train_path.is_file() and heldout_path.is_file()):
         write_dataset(train_path, heldout_path, seed=seed, variant=variant, rare_frac=rare_frac)
+    elif synthetic:
+        _check_data_variant(train_path, variant)
 
     model_dir = Path(model_path)
     record = read_warm_start_record(model_dir)

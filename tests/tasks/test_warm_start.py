@@ -126,3 +126,13 @@ def test_warm_start_is_bitwise_deterministic_for_a_seed_whatever_the_thread_coun
         b"".join(f.read_bytes() for f in sorted(init.glob("*.safetensors")))
     ).hexdigest()
     assert digests[0] == digests[1] != init_digest
+
+
+def test_data_of_another_task_variant_is_refused_not_reused(setup) -> None:
+    """A run asking for multi_answer on paths that hold reversal data fails at once, naming both."""
+    from driftrl.config import ConfigError
+
+    cfg, _, _ = setup
+    other = cfg.model_copy(update={"task": cfg.task.model_copy(update={"variant": "multi_answer"})})
+    with pytest.raises(ConfigError, match="holds 'reversal' data.*task.variant='multi_answer'"):
+        ensure_tiny_default(other, progress=False)
