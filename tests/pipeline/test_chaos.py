@@ -82,6 +82,18 @@ def segment_plan(rng: random.Random, first: int, learner_kill: int | None) -> li
     return [(steps[0], "buffer"), (steps[1], "rollout"), (learner_kill, "learner")]
 
 
+def wait_until_back(actor, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.pid.remote(), timeout=30)
+            return
+        except RayActorError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def read_ids(folder: Path, column: str = "traj_id") -> list[tuple[str, ...]]:
     rows = []
     for path in sorted(folder.glob("*.arrow")):
@@ -180,8 +192,12 @@ def test_chaos_buffer_rollout_and_learner_sigkilled_twice_each_no_row_lost_or_tr
                     "learner": driver.learners.actors[0],
                 }
                 for when, kind in [p for p in pending if p[0] <= step]:
-                    if kind == "learner" and (len(pending) > 1 or killer.in_flight()):
-                        continue  # it ends the segment: the segment's other kills land first
+                    if kind == "learner":
+                        if len(pending) > 1 or killer.in_flight():
+                            continue  # it ends the segment: the segment's other kills land first
+                        # a restarting rollout actor catches up from weights the learner process owns:
+                        # killing the learner meanwhile kills that restart too (two faults at once)
+                        wait_until_back(handles["rollout"])
                     try:
                         pid = ray.get(handles[kind].pid.remote(), timeout=300)
                     except RayActorError:  # restarting after an earlier kill: at the next step
