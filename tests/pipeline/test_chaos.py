@@ -34,8 +34,8 @@ CHECKPOINT_INTERVAL = 2
 GROUPS_PER_STEP = 2
 GROUP_SIZE = 4
 LEARNER_KILLS = 2  # each ends a segment; the run is resumed after each
-KILL_DELAY_S = (0.0, 0.6)
-REDELIVERED = "buffer_redelivered_rows_total"  # after the step's metrics row: lands mid-step, mid-sync or mid-checkpoint
+KILL_DELAY_S = (0.0, 0.6)  # after the step's metrics row: lands mid-step, mid-sync or mid-checkpoint
+REDELIVERED = "buffer_redelivered_rows_total"  # the driver's count of rows a restarted buffer sent again
 
 
 class Killer:
