@@ -80,6 +80,13 @@ class _Sync:
     publish: list[Any]  # the learner ranks' publish_weights calls (rank 0's result is the manifest)
 
 
+def _groups_in(table: Any) -> int:
+    """Distinct groups of a rollout table (0 for None)."""
+    import pyarrow.compute as pc
+
+    return 0 if table is None or table.num_rows == 0 else pc.count_distinct(table.column("group_id")).as_py()
+
+
 def _probe_batch(cfg: DriftConfig) -> tuple[Any, Any]:
     """Fixed probe sequences (held-out prompt + reference answer) for the realised entropy change."""
     import torch
@@ -370,6 +377,7 @@ class Driver:
         probe are queued on the learner actors at once (their results are handled when they come),
         followed by step ``k+1`` on a batch sampled while step ``k`` was training.
         """
+        import pyarrow as pa
         import ray
         from ray.exceptions import RayActorError
 
@@ -381,6 +389,7 @@ class Driver:
         sample_ref: Any = None
         sample_started = 0.0
         next_table: Any = None  # a sampled batch waiting for the learner
+        partial_table: Any = None  # part of the next batch, when a restarted buffer redelivered the rest
         train_refs: list[Any] | None = None
         train_started = 0.0
         train_ids: Any = None
@@ -434,8 +443,9 @@ class Driver:
                             gen_refs[ref] = index
                 steps_left = total - self.step - (1 if train_refs is not None else 0)
                 if sample_ref is None and next_table is None and steps_left > 0:
+                    wanted = groups - _groups_in(partial_table)
                     sample_ref = self.buffer.sample.remote(
-                        groups, version_of_next_step(), self.max_staleness, cfg.learner.sample_timeout_s
+                        wanted, version_of_next_step(), self.max_staleness, cfg.learner.sample_timeout_s
                     )
                     sample_started = now
                 if train_refs is not None and now - train_started > cfg.learner.step_timeout_s:
@@ -483,7 +493,18 @@ class Driver:
                         self.telemetry.record_buffer(self.buffer_stats)
                     elif ref is sample_ref:
                         sample_ref = None
-                        next_table = self._checked_batch(self._get(ref, "the buffer's sample"))
+                        table = self._get(ref, "the buffer's sample")
+                        held = [i for ids in self.unacked.values() for i in ids]
+                        held += train_ids.to_pylist() if train_refs is not None else []
+                        if partial_table is not None:
+                            held += partial_table.column("traj_id").to_pylist()
+                        fresh = self._without_redelivered(table, held)
+                        kept = fresh if partial_table is None else pa.concat_tables([partial_table, fresh])
+                        partial_table = None
+                        if fresh.num_rows < table.num_rows and _groups_in(kept) < groups:
+                            partial_table = kept  # the rest is sampled afresh at the next turn
+                            continue
+                        next_table = self._checked_batch(kept)
                         self.startup.mark_once("first batch sampled (rollout engine start, generation)")
                         self.consumed_groups += groups
                         if train_refs is None:
@@ -535,6 +556,31 @@ class Driver:
                 bar.close()
             for ref in gen_refs:
                 ray.cancel(ref)
+
+    def _without_redelivered(self, table: Any, held: list[str]) -> Any:
+        """``table`` less the rows this run holds: trained since the last checkpoint, or in flight.
+
+        A buffer that Ray restarted (a SIGKILL, an OOM kill) forgets its leases (buffers/replay.py),
+        so those rows are available again and a sample hands them out a second time. Training them
+        again would put their effect in the model twice; they are dropped from the batch instead and
+        stay leased by this sample until the next checkpoint acks them (or a resume requeues them).
+        """
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not held or table.num_rows == 0:
+            return table
+        again = pc.is_in(table.column("traj_id"), value_set=pa.array(held, pa.string()))
+        redelivered = pc.sum(again).as_py() or 0
+        if not redelivered:
+            return table
+        self.telemetry.count("buffer_redelivered_rows_total", redelivered)
+        log.warning(
+            "the buffer handed out %d rows again that this run trained since its last checkpoint or is "
+            "training (it restarted and forgot their leases); they are not trained twice",
+            redelivered,
+        )
+        return table.filter(pc.invert(again))
 
     def _checked_batch(self, table: Any) -> Any:
         """The sampled table, or a clear error when the rollout side produced too little in time."""

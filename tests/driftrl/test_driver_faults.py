@@ -140,3 +140,37 @@ def test_predicted_entropy_change_is_paired_with_the_probe_of_its_own_sync(tmp_p
     # 0.75 - 1.0 realised against step 1's 0.25 only; step 2's -0.5 waits for the next sync
     assert (row1["realised_delta_entropy"], row1["predicted_delta_entropy_since_sync"]) == (-0.25, 0.25)
     assert driver.predicted_since_sync == -0.5
+
+
+def test_rows_a_restarted_buffer_hands_out_again_are_dropped_from_the_batch_not_trained_twice(
+    local_ray, tmp_path
+):
+    import signal
+
+    from buffers.actor import launch_buffer_actor
+    from buffers.config import BufferConfig
+    from buffers.schema import records_to_table
+    from tests.buffers.conftest import group_records
+
+    buffer = launch_buffer_actor(BufferConfig(), str(tmp_path / "buffer"), num_cpus=0)
+    records = [r for key in ("a", "b", "c", "d") for r in group_records(key)]
+    assert ray.get(buffer.push.remote(records_to_table(records))).accepted == 16
+    trained = ray.get(buffer.sample.remote(2, 0)).column("traj_id").to_pylist()  # leased, not yet acked
+    pid = ray.get(buffer.pid.remote())
+    os.kill(pid, signal.SIGKILL)
+    pid_after_restart(buffer, pid)
+    # the hazard: the restarted buffer forgot the lease and hands the trained groups out again
+    again = ray.get(buffer.sample.remote(4, 0))
+    assert set(trained) <= set(again.column("traj_id").to_pylist())
+
+    driver = make_driver(tmp_path)
+    kept = driver._without_redelivered(again, trained)
+    assert kept.num_rows == 8 and not set(kept.column("traj_id").to_pylist()) & set(trained)
+    assert driver.telemetry.counters["buffer_redelivered_rows_total"] == 8
+    assert driver._without_redelivered(kept, trained) is kept  # nothing held: the batch as it is
+    # the dropped rows stay leased by that sample (no third delivery) until the checkpoint acks them
+    assert ray.get(buffer.sample.remote(1, 0)).num_rows == 0
+    assert ray.get(buffer.ack.remote(trained)).acked == 8
+    stats = ray.get(buffer.stats.remote())
+    assert (stats["acked"], stats["rows_leased"], stats["rows_available"]) == (8, 8, 0)
+    ray.kill(buffer, no_restart=True)
