@@ -568,6 +568,12 @@ class RolloutWorker:
 
     # -- reporting and shutdown --------------------------------------------------------------------
 
+    def engine_weights(self) -> bytes:
+        """The weights the engine computes with (TP rank 0), HF-named safetensors bytes: tests compare
+        them with the learner's after a sync (small models only, see ``driftrl_export_weights``)."""
+        self._check_usable()
+        return self._run(self._rpc("driftrl_export_weights", (), self.cfg.weight_sync.timeout_s), None)[0]
+
     def cursor(self) -> dict[str, Any]:
         """The prompt cursor as committed (what a restart resumes from)."""
         return self.prompts.state(self._committed_position())
