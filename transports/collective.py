@@ -144,8 +144,26 @@ def _header(version: int, kind: int, spec_bytes: int, payload_bytes: int, tensor
     return torch.tensor([MAGIC, version, kind, spec_bytes, payload_bytes, tensors], dtype=torch.int64)
 
 
-def pack_bucket(version: int, bucket: list[tuple[str, Any]]) -> list[Any]:
-    """``[header, spec, payload]`` of one bucket on the CPU (payload: the tensors' bytes back to back)."""
+def reusable_buffer(pool: list[Any], index: int, nbytes: int, device: Any) -> Any:
+    """``pool[index]`` if it holds ``nbytes`` bytes, else a new uint8 tensor put there.
+
+    Kept across syncs: a fresh page costs a page fault, which on a small VM makes writing fresh
+    memory many times slower than writing memory already mapped (transports/ray_bytes.py measured
+    ~20x), and a sync writes the whole model.
+    """
+    import torch
+
+    while len(pool) <= index:
+        pool.append(None)
+    buffer = pool[index]
+    if buffer is None or buffer.numel() != nbytes or buffer.device != device:
+        buffer = pool[index] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return buffer
+
+
+def pack_bucket(version: int, bucket: list[tuple[str, Any]], payload: Any = None) -> list[Any]:
+    """``[header, spec, payload]`` of one bucket on the CPU (payload: the tensors' bytes back to back,
+    written into ``payload`` when given, which must hold the bucket's bytes)."""
     import torch
 
     spec = spec_of(bucket, None)
@@ -154,7 +172,7 @@ def pack_bucket(version: int, bucket: list[tuple[str, Any]]) -> list[Any]:
         for name, dtype, shape, offset in zip(spec.names, spec.dtypes, spec.shapes, spec.offsets, strict=True)
     ]
     spec_bytes = torch.frombuffer(bytearray(json.dumps(described).encode()), dtype=torch.uint8)
-    payload = torch.empty(spec.nbytes, dtype=torch.uint8)
+    payload = torch.empty(spec.nbytes, dtype=torch.uint8) if payload is None else payload
     for (_, tensor), offset in zip(bucket, spec.offsets, strict=True):
         flat = tensor.reshape(-1).view(torch.uint8)
         payload[offset : offset + flat.numel()].copy_(flat)
@@ -186,6 +204,7 @@ class CollectiveWeightPublisher(WeightPublisher):
     def __init__(
         self, bucket_bytes: int, host: str, peers: dict[int, str], timeout_s: float, port: int = 0
     ) -> None:
+        import torch
         import torch.distributed as dist
 
         super().__init__(bucket_bytes)
@@ -210,6 +229,8 @@ class CollectiveWeightPublisher(WeightPublisher):
         )
         self._links: dict[int, _Link] = {}
         self._staged: tuple[int, list[list[Any]], int] | None = None  # version, messages, tensors
+        self._payloads: list[Any] = []  # packed bucket buffers, reused by the next version
+        self._cpu = torch.device("cpu")
         self.failures: dict[str, str] = {}  # actor id -> why its link was dropped (latest)
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -247,8 +268,11 @@ class CollectiveWeightPublisher(WeightPublisher):
             messages: list[list[Any]] = []
             specs = []
             tensors = 0
-            for bucket in iter_buckets(named_tensors, self.bucket_bytes):
-                message = pack_bucket(version, bucket)
+            for index, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
+                # the previous version's staged buffers are reused: only this stream reads them now
+                nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
+                cpu = reusable_buffer(self._payloads, index, nbytes, self._cpu)
+                message = pack_bucket(version, bucket, cpu)
                 messages.append(message)
                 specs.append(spec_of(bucket, None))
                 tensors += len(bucket)
@@ -377,6 +401,9 @@ class CollectivePeer:
         self.peer_rank = peer_rank
         self.device = transport_device()
         self._group: Any = None
+        # receive buffers per bucket, reused by the next stream: the engine has loaded them by then
+        # (the layer-wise reload copies what it buffered into the parameters when it finishes)
+        self._payloads: list[Any] = []
 
     @property
     def joined(self) -> bool:
@@ -450,7 +477,7 @@ class CollectivePeer:
                 return version, loaded
             spec = torch.empty(spec_bytes, dtype=torch.uint8, device=self.device)
             self._recv(spec, deadline, f"spec of bucket {buckets + 1}")
-            payload = torch.empty(payload_bytes, dtype=torch.uint8, device=self.device)
+            payload = reusable_buffer(self._payloads, buckets, payload_bytes, self.device)
             self._recv(payload, deadline, f"payload of bucket {buckets + 1}")
             weights = []
             for name, dtype_name, shape, offset in json.loads(bytes(spec.cpu().numpy()).decode()):
