@@ -268,15 +268,23 @@ class CollectiveWeightPublisher(WeightPublisher):
             messages: list[list[Any]] = []
             specs = []
             tensors = 0
-            for index, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
-                # the previous version's staged buffers are reused: only this stream reads them now
-                nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
-                cpu = reusable_buffer(self._payloads, index, nbytes, self._cpu)
-                message = pack_bucket(version, bucket, cpu)
-                messages.append(message)
-                specs.append(spec_of(bucket, None))
-                tensors += len(bucket)
-                targets = self._send(targets, message, deadline, failed)
+            try:
+                for index, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
+                    # the previous version's staged buffers are reused: only this stream reads them now
+                    nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
+                    cpu = reusable_buffer(self._payloads, index, nbytes, self._cpu)
+                    message = pack_bucket(version, bucket, cpu)
+                    messages.append(message)
+                    specs.append(spec_of(bucket, None))
+                    tensors += len(bucket)
+                    targets = self._send(targets, message, deadline, failed)
+            except BaseException as err:
+                # the learner failed mid-stream: closing the peers' links ends their receive now,
+                # not at the deadline, and they re-join; nothing stays staged (its buffers were rewritten)
+                for link in targets:
+                    self._drop(link, err, failed)
+                self._staged = None
+                raise
             messages.append([_header(version, END, 0, 0, tensors)])
             targets = self._send(targets, messages[-1], deadline, failed)
             for link in targets:
