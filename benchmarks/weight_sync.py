@@ -33,6 +33,7 @@ import torch  # noqa: E402
 SIZES_MB = (5, 68, 271)
 TENSOR_FLOATS = 1 << 20  # 4 MiB per tensor
 BUCKET_BYTES = 64 << 20
+VERSIONS = [0]
 
 
 def model_tensors(megabytes: float, seed: int) -> list[tuple[str, torch.Tensor]]:
@@ -106,7 +107,8 @@ def bench_size(megabytes: float, sink: Any, collective: Any, repeats: int) -> di
     memcpy_s = median_seconds(lambda: destination.copy_(source), repeats)
 
     bytes_publisher = BytesWeightPublisher(BUCKET_BYTES, use_object_store=True)
-    version = [0]
+    # one counter over every size: the collective publisher sends only versions newer than a peer has
+    version = VERSIONS
 
     def ray_bytes_sync() -> None:
         version[0] += 1
@@ -132,10 +134,10 @@ def bench_size(megabytes: float, sink: Any, collective: Any, repeats: int) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="one 2 MB size, one repeat (CI)")
+    parser.add_argument("--quick", action="store_true", help="2 MB and 3 MB, one repeat (CI)")
     parser.add_argument("--repeats", type=int, default=5, help="timed syncs per figure (median)")
     args = parser.parse_args()
-    sizes = (2,) if args.quick else SIZES_MB
+    sizes = (2, 3) if args.quick else SIZES_MB  # two sizes: the version counter spans sizes
     repeats = 1 if args.quick else args.repeats
 
     import ray
