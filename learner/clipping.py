@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from learner.entropy import raise_on_bad_values
+from learner.bad_values import raise_on_bad_values
 
 ClipMethod = Literal["clip_b", "clip_v", "directional"]
 ClipForm = Literal["symmetric", "negative_lower"]

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from learner.bad_values import raise_on_bad_values
+
 DEFAULT_CHUNK_SIZE = 4096
 
 
@@ -55,24 +57,6 @@ class TokenStats:
     def s_centered(self) -> Tensor:
         """``Sc = S*_k - E_p[S]``, ``[N]`` float32; zero in expectation under on-policy sampling."""
         return self.s_star - self.s_expect
-
-
-def raise_on_bad_values(checks: dict[str, Tensor]) -> None:
-    """Raise ``ValueError`` naming the first tensor with a bad entry and where it is.
-
-    Args:
-        checks: name (with what is wrong, e.g. ``"logits (non-finite)"``) -> bool tensor that is
-            True at bad entries. All are reduced in one device sync, so a caller with several
-            checks pays one host round-trip, not one per tensor.
-    """
-    if not checks:
-        return
-    if not bool(torch.stack([bad.any() for bad in checks.values()]).any()):
-        return
-    for name, bad in checks.items():
-        if bool(bad.any()):
-            where = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{name}: {int(bad.sum())} bad entries, first at index {where}")
 
 
 def _check_tokens(tokens: Tensor, n: int, vocab_size: int) -> Tensor:
@@ -296,7 +280,9 @@ def token_stats_from_hidden(
             f"{list(lm_head_weight.shape)}"
         )
     if not (hidden.dtype.is_floating_point and lm_head_weight.dtype.is_floating_point):
-        raise ValueError(f"hidden/lm_head_weight: expected float dtypes, got {hidden.dtype}/{lm_head_weight.dtype}")
+        raise ValueError(
+            f"hidden/lm_head_weight: expected float dtypes, got {hidden.dtype}/{lm_head_weight.dtype}"
+        )
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
     _check_temperature(temperature)

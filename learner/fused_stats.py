@@ -58,7 +58,7 @@ import math
 import torch
 from torch import Tensor
 
-from learner.entropy import raise_on_bad_values
+from learner.bad_values import raise_on_bad_values
 
 try:
     import triton

@@ -19,8 +19,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from learner.bad_values import raise_on_bad_values
 from learner.config import LossConfig
-from learner.entropy import SumAllReduce, TokenStats, global_moments, raise_on_bad_values
+from learner.entropy import SumAllReduce, TokenStats, global_moments
 
 Reduction = Literal["mean", "max", "sum"]
 

@@ -423,7 +423,6 @@ def train_or_reuse(cfg: Any, progress: bool) -> tuple[Path, float, bool]:
     :data:`SECONDS_FILE`); an unfinished or differently configured directory is removed first
     (``create_run_dir`` refuses one holding checkpoints).
     """
-    from driftrl.config import dump_config
     from driftrl.pipeline import train
 
     run_dir = Path(cfg.run.root_dir) / cfg.run.name

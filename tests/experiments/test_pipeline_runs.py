@@ -84,7 +84,7 @@ def test_run_summary_worked_by_hand() -> None:
     assert s["same_batch_sign_agreement"] == pytest.approx(1 / 3)
     xs, ys = [-1.0, -2.0, -4.0], [1.0, 2.5, -4.0]
     mx, my = sum(xs) / 3, sum(ys) / 3
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
     r = sxy / math.sqrt(sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
     assert s["same_batch_pearson_r"] == pytest.approx(r)
     assert s["wall_seconds"] == 13.0
@@ -258,5 +258,6 @@ def test_evaluation_cache_is_read_back_only_for_the_same_settings(tmp_path: Path
     file.write_text(json.dumps({"settings": settings, "score": {"avg_at_k": 0.25}}))
     assert evaluate_models({"m": model}, cfg, 8, 4, 0.7, 0, {"m": file}) == {"m": {"avg_at_k": 0.25}}
     # another K is another evaluation: it is attempted (and fails here: no model on disk)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as err:  # noqa: B017 - whichever loader fails first, it must not reuse
         evaluate_models({"m": model}, cfg, 4, 4, 0.7, 0, {"m": file})
+    assert "avg_at_k" not in str(err.value)
