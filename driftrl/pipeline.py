@@ -159,6 +159,9 @@ def start_local_ray(num_cpus: int | None, **init_kwargs: Any) -> None:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
+UPDATES_FILE = "updates.parquet"
+
+
 class StartupClock:
     """Where a run's start-up time goes: named phases in the order they end, seconds each.
 
@@ -220,6 +223,10 @@ class Driver:
         self.max_staleness = 0 if self.sync_mode else cfg.learner.max_staleness
         self.telemetry = RunTelemetry()
         self.metrics_log = MetricsLog(run.metrics)
+        # several optimizer steps per sampled batch: metrics.parquet keeps a row per batch (its last
+        # update), updates.parquet one per optimizer step
+        per_batch = cfg.learner.mini_batches * cfg.learner.epochs
+        self.updates_log = MetricsLog(run.root / UPDATES_FILE) if per_batch > 1 else None
         self.step_loggers: list[Any] = []  # driftrl.loggers.StepLogger, from metrics.loggers
         self.server: Any = None
         self.started_ray = False
@@ -347,6 +354,8 @@ class Driver:
             self.wall_offset = driver_state["wall_seconds"]
             self.last_probe = driver_state.get("probe_entropy")
             self.metrics_log.truncate_after(self.step)
+            if self.updates_log is not None:
+                self.updates_log.truncate_after(self.step)
             requeued = self._get(self.buffer.requeue_leased.remote(), "the buffer's requeue_leased")
             log.info(
                 "resumed at step %d, version %d; %d leased rows requeued", self.step, self.version, requeued
@@ -424,7 +433,8 @@ class Driver:
             table, next_table = next_table, None
             train_ids = table.column("traj_id").combine_chunks()
             table_ref = ray.put(table)
-            train_refs = [a.call.remote("train_step", table_ref) for a in self.learners.actors]
+            method = "train_step" if self.updates_log is None else "train_updates"
+            train_refs = [a.call.remote(method, table_ref) for a in self.learners.actors]
             train_started = time.monotonic()
             if self.last_train_done is not None:
                 self.learner_wait_s = time.monotonic() - self.last_train_done
@@ -527,6 +537,8 @@ class Driver:
                         ):
                             continue
                         metrics = self._learner_get(train_refs, f"train_step of step {self.step + 1}")[0]
+                        if self.updates_log is not None:
+                            metrics = self._log_updates(metrics)
                         train_refs = None
                         self.last_train_done = time.monotonic()
                         self.step += 1
@@ -670,6 +682,18 @@ class Driver:
         if self.on_step is not None:
             self.on_step(self, row)
         self._update_bar(bar, row)
+
+    def _log_updates(self, updates: list[dict[str, float]]) -> dict[str, float]:
+        """One ``updates.parquet`` row per optimizer step of this batch; returns the last update's
+        metrics, which stand for the batch in metrics.parquet, /metrics and the report."""
+        from driftrl.report import learner_row
+
+        for update in updates:
+            row = learner_row(update)
+            row["step"] = float(self.step + 1)
+            row["wall_seconds"] = self.wall_offset + time.monotonic() - self.t0
+            self.updates_log.append(row)
+        return updates[-1]
 
     def _take_predicted(self) -> float:
         """The predicted ΔH summed since the last sync, reset: taken when that sync's probe is queued,
@@ -864,6 +888,8 @@ class Driver:
         started = time.monotonic()
         # the metrics rows first: a checkpoint that has driver state has its steps' rows
         self.metrics_log.flush()
+        if self.updates_log is not None:
+            self.updates_log.flush()
         acking = sum(len(ids) for ids in self.unacked.values())
         state = {
             "step": self.step,
@@ -917,6 +943,8 @@ class Driver:
         self.buffer_stats = self._get(self.buffer.stats.remote(), "the buffer's stats")
         self.telemetry.record_buffer(self.buffer_stats)
         self.metrics_log.flush()
+        if self.updates_log is not None:
+            self.updates_log.flush()
         summary = write_report(
             self.run.root,
             extra={

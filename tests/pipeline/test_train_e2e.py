@@ -130,11 +130,20 @@ def test_final_model_is_loadable_and_differs_from_start(tiny_inputs, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
+    # 2 mini-batches x 2 epochs: four optimizer steps per sampled batch, each its own updates.parquet row
     cfg = tiny_config(
         tiny_inputs, tmp_path / "runs", "run.name=export", "learner.total_steps=2", "learner.lr=1e-3",
-        "learner.checkpoint_interval=2",
+        "learner.checkpoint_interval=2", "learner.mini_batches=2", "learner.epochs=2",
     )
     result = train(cfg, progress=False)
+    updates = pq.read_table(result.run_dir / "updates.parquet").to_pylist()
+    assert [(u["step"], u["epoch"], u["mini_batch"]) for u in updates] == [
+        (s, e, m) for s in (1.0, 2.0) for e in (0.0, 1.0) for m in (0.0, 1.0)
+    ]
+    assert [u["optimizer_step"] for u in updates] == sorted({u["optimizer_step"] for u in updates})
+    batches = pq.read_table(result.run_dir / "metrics.parquet").to_pylist()
+    # a batch's row is its last update
+    assert [r["loss"] for r in batches] == [updates[3]["loss"], updates[7]["loss"]]
     start = AutoModelForCausalLM.from_pretrained(str(tiny_inputs["model"]))
     final = AutoModelForCausalLM.from_pretrained(str(result.final_model))
     changed = [
