@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.synthetic import is_correct
+from tasks.synthetic import is_correct, valid_answers
 
 
 def load_policy(model_dir: str | Path) -> tuple[Any, Any]:
@@ -111,5 +111,7 @@ def accuracy_by_difficulty(rows: Sequence[dict[str, Any]], correct: Sequence[boo
 
 
 def answer_token_budget(tokenizer: Any, rows: Sequence[dict[str, Any]], answer_key: str = "answer") -> int:
-    """Enough new tokens for the longest reference answer plus EOS."""
-    return 1 + max(len(tokenizer(r[answer_key], add_special_tokens=False)["input_ids"]) for r in rows)
+    """Enough new tokens for the longest valid answer plus EOS (a multi_answer cell holds several)."""
+    return 1 + max(
+        len(tokenizer(a, add_special_tokens=False)["input_ids"]) for r in rows for a in valid_answers(r[answer_key])
+    )

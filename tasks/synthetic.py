@@ -6,6 +6,21 @@ tiny policy learns short strings within seconds and long ones only after many mo
 warm start on a step budget leaves short items mostly solved and long ones mostly open — the gap
 RL closes. Held-out strings never occur in the train split.
 
+Variant ``multi_answer`` (:data:`VARIANTS`): the same prompts, but a string has two valid answers,
+its reversal and the string itself (a copy), stored together in the ``answer`` column joined by
+:data:`ANSWER_SEPARATOR` (reversal first); a response is right when it equals any of them. The
+train split also carries ``sft_target``, the one answer the supervised warm start teaches for that
+row: the copy on a ``rare_frac`` share of rows, the reversal on the rest, so after the warm start the
+copy is a valid but lower-probability continuation. Why it can show entropy collapse in Pass@K:
+whether a response is a reversal or a copy is decided mostly by its first token, a choice the tiny
+policy makes almost independently of the prompt. RL reinforces the answer it samples most and gets
+right most often (the reversal, on the short strings), so as entropy collapses the copy's share
+shrinks on every prompt, including the long strings whose reversal the policy still gets wrong but
+whose copy it can produce: those drop out of Pass@K while Pass@1 may still rise. A method that keeps
+entropy up should keep the copy alive and Pass@K higher. Held-out rows' ``sft_target`` equals their
+``answer`` (all valid answers), so a warm start's accuracy counts any of them. Palindromes (one
+answer, twice) are never drawn in this variant.
+
 Light on purpose: no torch or transformers at import, so rollout actors and the reward registry
 can import :func:`normalise_response` and :func:`is_correct` cheaply.
 """
@@ -21,7 +36,12 @@ from pathlib import Path
 from typing import Any
 
 SEPARATOR = "="
+# joins the valid answers of one prompt (multi_answer); never a letter of any answer
+ANSWER_SEPARATOR = "|"
 COLUMNS: tuple[str, ...] = ("prompt_id", "prompt", "answer", "difficulty")
+VARIANTS: tuple[str, ...] = ("reversal", "multi_answer")
+SFT_TARGET = "sft_target"
+DEFAULT_RARE_FRAC = 0.15
 DEFAULT_TRAIN_ROWS = 20_000
 DEFAULT_HELDOUT_ROWS = 512
 
@@ -82,6 +102,16 @@ def reverse_answer(text: str) -> str:
     return text[::-1]
 
 
+def multi_answers(text: str) -> list[str]:
+    """The valid answers of ``text`` in the multi_answer variant: reversal first, then the copy."""
+    return [reverse_answer(text), text]
+
+
+def valid_answers(answer: str) -> list[str]:
+    """The answers an ``answer`` cell accepts: one for reversal, every alternative for multi_answer."""
+    return answer.split(ANSWER_SEPARATOR)
+
+
 def normalise_response(text: str) -> str:
     """Canonical form compared by exact match: surrounding whitespace removed.
 
@@ -92,8 +122,12 @@ def normalise_response(text: str) -> str:
 
 
 def is_correct(response_text: str, answer: str) -> bool:
-    """Exact match of a decoded response (special tokens skipped) against the reference answer."""
-    return normalise_response(response_text) == normalise_response(answer)
+    """Exact match of a decoded response (special tokens skipped) against any valid answer.
+
+    A reversal answer has one alternative; a multi_answer cell several (:func:`valid_answers`).
+    """
+    response = normalise_response(response_text)
+    return any(response == normalise_response(a) for a in valid_answers(answer))
 
 
 def _check_row_counts(n_train: int, n_heldout: int, least: int) -> None:
@@ -102,15 +136,24 @@ def _check_row_counts(n_train: int, n_heldout: int, least: int) -> None:
             raise TaskSpecError(f"{name} must be an integer >= {least}, got {n!r}")
 
 
-def _draw_strings(rng: random.Random, spec: ReversalSpec, n: int, exclude: set[str]) -> list[str]:
-    if n > spec.capacity() - len(exclude):
-        raise TaskSpecError(f"{spec} holds {spec.capacity()} distinct strings, cannot draw {n} new ones")
+def _draw_strings(
+    rng: random.Random, spec: ReversalSpec, n: int, exclude: set[str], palindromes: bool = True
+) -> list[str]:
+    capacity = spec.capacity()
+    if not palindromes:
+        # a palindrome of length m is fixed by its first ceil(m/2) letters
+        capacity -= sum(spec.alphabet_size ** ((m + 1) // 2) for m in range(spec.min_len, spec.max_len + 1))
+    if n > capacity - len(exclude):
+        kind = "distinct strings" if palindromes else "distinct non-palindromes"
+        raise TaskSpecError(f"{spec} holds {capacity} {kind}, cannot draw {n} new ones")
     drawn: list[str] = []
     seen = set(exclude)
     # Rejection sampling is fine: the defaults hold ~1.5e14 strings and we draw thousands.
     while len(drawn) < n:
         length = rng.randint(spec.min_len, spec.max_len)
         text = "".join(rng.choice(spec.letters) for _ in range(length))
+        if not palindromes and text == text[::-1]:
+            continue
         if text not in seen:
             seen.add(text)
             drawn.append(text)
@@ -129,19 +172,51 @@ def _rows(split: str, texts: list[str]) -> list[dict[str, Any]]:
     ]
 
 
+def _multi_rows(split: str, texts: list[str], rare: list[bool] | None) -> list[dict[str, Any]]:
+    """multi_answer rows; ``rare[i]`` makes row i's warm-start target the copy (None: held-out)."""
+    rows = _rows(split, texts)
+    for i, (row, t) in enumerate(zip(rows, texts, strict=True)):
+        row["answer"] = ANSWER_SEPARATOR.join(multi_answers(t))
+        row[SFT_TARGET] = row["answer"] if rare is None else (t if rare[i] else reverse_answer(t))
+    return rows
+
+
+def _check_variant(variant: str, rare_frac: float) -> None:
+    if variant not in VARIANTS:
+        raise TaskSpecError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if not 0.0 <= rare_frac < 1.0:
+        raise TaskSpecError(f"rare_frac must be in [0, 1), got {rare_frac!r}")
+
+
 def make_rows(
-    seed: int, n_train: int, n_heldout: int, train_spec: ReversalSpec, heldout_spec: ReversalSpec
+    seed: int,
+    n_train: int,
+    n_heldout: int,
+    train_spec: ReversalSpec,
+    heldout_spec: ReversalSpec,
+    variant: str = "reversal",
+    rare_frac: float = DEFAULT_RARE_FRAC,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Train and held-out rows (dicts with :data:`COLUMNS`), deterministic for a seed.
+    """Train and held-out rows (dicts with :data:`COLUMNS`, + ``sft_target`` for multi_answer),
+    deterministic for a seed.
 
     Held-out strings are drawn first and excluded from the train draw, so the splits are disjoint
-    whatever the two specs are.
+    whatever the two specs are. For multi_answer exactly ``round(rare_frac * n_train)`` train rows,
+    chosen by the seed, teach the copy.
     """
     _check_row_counts(n_train, n_heldout, least=0)
+    _check_variant(variant, rare_frac)
     rng = random.Random(seed)
-    heldout = _draw_strings(rng, heldout_spec, n_heldout, exclude=set())
-    train = _draw_strings(rng, train_spec, n_train, exclude=set(heldout))
-    return _rows("train", train), _rows("heldout", heldout)
+    multi = variant == "multi_answer"
+    heldout = _draw_strings(rng, heldout_spec, n_heldout, exclude=set(), palindromes=not multi)
+    train = _draw_strings(rng, train_spec, n_train, exclude=set(heldout), palindromes=not multi)
+    if not multi:
+        return _rows("train", train), _rows("heldout", heldout)
+    rare_rows = set(rng.sample(range(n_train), round(rare_frac * n_train)))
+    return (
+        _multi_rows("train", train, [i in rare_rows for i in range(n_train)]),
+        _multi_rows("heldout", heldout, None),
+    )
 
 
 def make_dataset(
@@ -151,11 +226,21 @@ def make_dataset(
     n_heldout: int = DEFAULT_HELDOUT_ROWS,
     train_spec: ReversalSpec | None = None,
     heldout_spec: ReversalSpec | None = None,
+    variant: str = "reversal",
+    rare_frac: float = DEFAULT_RARE_FRAC,
 ) -> tuple[Path, Path]:
     """Write ``train.parquet`` and ``heldout.parquet`` under ``out_dir``; see :func:`write_dataset`."""
     out = Path(out_dir)
     return write_dataset(
-        out / "train.parquet", out / "heldout.parquet", seed, n_train, n_heldout, train_spec, heldout_spec
+        out / "train.parquet",
+        out / "heldout.parquet",
+        seed,
+        n_train,
+        n_heldout,
+        train_spec,
+        heldout_spec,
+        variant,
+        rare_frac,
     )
 
 
@@ -167,12 +252,15 @@ def write_dataset(
     n_heldout: int = DEFAULT_HELDOUT_ROWS,
     train_spec: ReversalSpec | None = None,
     heldout_spec: ReversalSpec | None = None,
+    variant: str = "reversal",
+    rare_frac: float = DEFAULT_RARE_FRAC,
 ) -> tuple[Path, Path]:
     """Write the two splits with ``datasets``, deterministic for a seed; returns their paths.
 
     Columns: ``prompt_id`` (str), ``prompt`` (str), ``answer`` (str), ``difficulty`` (int, the
     string length). ``heldout_spec`` defaults to ``train_spec``, which defaults to
-    :class:`ReversalSpec`. Each file is written to a temporary name and renamed, so a reader never
+    :class:`ReversalSpec`. ``variant`` (:data:`VARIANTS`) and ``rare_frac`` (multi_answer only):
+    see the module doc. Each file is written to a temporary name and renamed, so a reader never
     sees a half-written split; a ``<name>.spec.json`` beside it records seed and spec.
     """
     from datasets import Dataset
@@ -181,7 +269,7 @@ def write_dataset(
     _check_row_counts(n_train, n_heldout, least=1)
     train_spec = train_spec or ReversalSpec()
     heldout_spec = heldout_spec or train_spec
-    train_rows, heldout_rows = make_rows(seed, n_train, n_heldout, train_spec, heldout_spec)
+    train_rows, heldout_rows = make_rows(seed, n_train, n_heldout, train_spec, heldout_spec, variant, rare_frac)
     written = []
     for path, rows, spec in ((train_path, train_rows, train_spec), (heldout_path, heldout_rows, heldout_spec)):
         path = Path(path)
@@ -189,7 +277,9 @@ def write_dataset(
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         Dataset.from_list(rows).to_parquet(str(tmp))
         tmp.replace(path)
-        meta = {"task": "reversal", "seed": seed, "rows": len(rows), **asdict(spec)}
+        meta = {"task": variant, "seed": seed, "rows": len(rows), **asdict(spec)}
+        if variant == "multi_answer":
+            meta["rare_frac"] = rare_frac
         path.with_name(path.stem + ".spec.json").write_text(json.dumps(meta, indent=1) + "\n")
         written.append(path)
     return written[0], written[1]

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.synthetic import load_rows, write_dataset
+from tasks.synthetic import DEFAULT_RARE_FRAC, SFT_TARGET, load_rows, write_dataset
 
 WARM_START_JSON = "warm_start.json"
 
@@ -245,6 +245,8 @@ def ensure_tiny_setup(
     answer_key: str = "answer",
     settings: WarmStartSettings | None = None,
     progress: bool = True,
+    variant: str = "reversal",
+    rare_frac: float = DEFAULT_RARE_FRAC,
 ) -> dict[str, Any] | None:
     """Build whatever the embedded default run still lacks: data, tiny model, warm start.
 
@@ -257,6 +259,10 @@ def ensure_tiny_setup(
 
     Args:
         settings: Warm-start budget; None = the defaults with ``seed``.
+        variant: Synthetic task variant (:data:`tasks.synthetic.VARIANTS`). For ``multi_answer`` the
+            warm start teaches each train row's ``sft_target`` (mostly the reversal, the copy on a
+            ``rare_frac`` share), not the ``answer`` cell that lists every valid answer.
+        rare_frac: multi_answer: share of train rows whose warm-start target is the copy.
 
     Raises:
         WarmStartMismatchError: ``model_path`` holds a warm start made with other settings.
@@ -265,7 +271,7 @@ def ensure_tiny_setup(
 
     train_path, heldout_path = Path(train_path), Path(eval_path)
     if synthetic and not (train_path.is_file() and heldout_path.is_file()):
-        write_dataset(train_path, heldout_path, seed=seed)
+        write_dataset(train_path, heldout_path, seed=seed, variant=variant, rare_frac=rare_frac)
 
     model_dir = Path(model_path)
     record = read_warm_start_record(model_dir)
@@ -286,4 +292,5 @@ def ensure_tiny_setup(
             f"({record.get('settings')}); this run asks for {_settings_record(settings)}. Point "
             f"model.path at another directory for it, e.g. model.path={model_dir.parent}-seed{seed}/warm"
         )
-    return warm_start(init_dir, model_dir, train_path, heldout_path, settings, prompt_key, answer_key, progress)
+    sft_key = answer_key if variant == "reversal" else SFT_TARGET
+    return warm_start(init_dir, model_dir, train_path, heldout_path, settings, prompt_key, sft_key, progress)

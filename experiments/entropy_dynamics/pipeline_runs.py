@@ -32,12 +32,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from driftrl.report import delta_entropy_agreement
-from experiments.entropy_dynamics.loop import METHODS
-from experiments.entropy_dynamics.run import METHOD_LABELS, mean_std
+from driftrl.report import SAME_BATCH_PAIR, delta_entropy_agreement
+from experiments.entropy_dynamics.run import mean_std
 
 DEFAULT_OUT = "experiments/entropy_dynamics/results_pipeline"
 DEFAULT_RUNS = "runs/entropy_dynamics_pipeline"
+# per task variant: report directory, run directories, and the data/warm start the runs use
+VARIANT_PATHS: dict[str, dict[str, str]] = {
+    "reversal": {"out": DEFAULT_OUT, "runs_dir": DEFAULT_RUNS},
+    "multi_answer": {
+        "out": "experiments/entropy_dynamics/results_multi_answer",
+        "runs_dir": "runs/entropy_dynamics_multi_answer",
+        "task.train_path": "runs/tiny-data-multi/train.parquet",
+        "task.eval_path": "runs/tiny-data-multi/heldout.parquet",
+        "model.path": "runs/tiny-model-multi/warm",
+    },
+}
 BASELINE = "grpo"
 WARM = "warm_start"
 SECONDS_FILE = "experiment_seconds.json"
@@ -58,6 +68,8 @@ SERIES = (
     "clipped_frac",
     "realised_delta_entropy",
     "predicted_delta_entropy_since_sync",
+    "realised_entropy_change",
+    "predicted_entropy_change",
     "wall_seconds",
 )
 EVAL_METRICS = ("avg_at_k", "pass_at_k", "greedy_accuracy")
@@ -69,13 +81,58 @@ COMPARED = (
     ("avg_at_k", "Avg@K"),
     ("pass_at_k", "Pass@K"),
     ("greedy_accuracy", "greedy accuracy"),
+    # multi_answer only: which valid answer the samples give
+    ("rare_share", "share of samples giving the copy"),
+    ("only_rare_pass", "questions solved only by a copy"),
 )
 
 
+# The methods compared, as config overrides (ALGORITHM.md §3). The baseline is vanilla GRPO: PPO
+# ratio clip ε 0.2/0.2 and no mask. Clip-higher (ε 0.2/0.28, no mask) is a second baseline. ClipB
+# and ClipV are the authors' released forms (``learner.clip.preset=released``) on the same ε 0.2/0.2
+# as GRPO, so the mask is the only difference from the baseline. ``clip_v_r`` is driftrl's extension
+# (ClipV thresholding r·Sc, otherwise the released ClipV), reported as ours.
+_EPS = {"sym": ("0.2", "0.2"), "higher": ("0.2", "0.28")}
+
+
+def _eps(kind: str) -> list[str]:
+    low, high = _EPS[kind]
+    return [f"learner.loss.clip_eps_low={low}", f"learner.loss.clip_eps_high={high}"]
+
+
+METHODS: dict[str, list[str]] = {
+    "grpo": ["learner.clip.method=none", "learner.clip.importance_weighted=false", *_eps("sym")],
+    "clip_higher": ["learner.clip.method=none", "learner.clip.importance_weighted=false", *_eps("higher")],
+    # mu given explicitly because the base config's learner.clip.mu would contradict the preset
+    "clip_b": ["learner.clip.preset=released", "learner.clip.method=clip_b", "learner.clip.mu=2.5", *_eps("sym")],
+    "clip_v": ["learner.clip.preset=released", "learner.clip.method=clip_v", "learner.clip.mu=8.5", *_eps("sym")],
+    "clip_v_r": [
+        "learner.clip.preset=custom",
+        "learner.clip.method=clip_v",
+        "learner.clip.form=negative_lower",
+        "learner.clip.mu=8.5",
+        "learner.clip.max_frac=0.0001",
+        "learner.clip.importance_weighted=true",
+        *_eps("sym"),
+    ],
+}
+METHOD_LABELS = {
+    "grpo": "GRPO (ε 0.2/0.2)",
+    "clip_higher": "clip-higher (ε 0.2/0.28)",
+    "clip_b": "ClipB (released)",
+    "clip_v": "ClipV (released)",
+    "clip_v_r": "ClipV r-weighted (ours)",
+}
+
+
+def _eps_of(method: str) -> str:
+    values = dict(o.split("=") for o in METHODS[method] if o.startswith("learner.loss.clip_eps"))
+    return f"{values['learner.loss.clip_eps_low']}/{values['learner.loss.clip_eps_high']}"
+
+
 def method_overrides(method: str) -> list[str]:
-    """Config overrides selecting ``method`` (a key of :data:`loop.METHODS`)."""
-    clip_method, weighted = METHODS[method]
-    return [f"learner.clip.method={clip_method}", f"learner.clip.importance_weighted={str(weighted).lower()}"]
+    """Config overrides selecting ``method`` (a key of :data:`METHODS`)."""
+    return list(METHODS[method])
 
 
 # ---------------------------------------------------------------- summaries (pure)
@@ -141,6 +198,7 @@ def summarise_run(rows: Sequence[Mapping[str, float]], window: int) -> dict[str,
     half = len(cov) // 2
     first = rows[0]
     agreement = delta_entropy_agreement(rows)
+    same_batch = delta_entropy_agreement(rows, SAME_BATCH_PAIR, "steps")
     pairs = sync_pairs(rows)
     out = {
         "steps": float(len(rows)),
@@ -177,6 +235,11 @@ def summarise_run(rows: Sequence[Mapping[str, float]], window: int) -> dict[str,
         if pairs
         else math.nan,
         "delta_entropy_block_r": _pearson(*_unzip(block_sums(pairs, window))),
+        "same_batch_steps": float(same_batch["steps"]),
+        "same_batch_pearson_r": math.nan if same_batch["pearson_r"] is None else float(same_batch["pearson_r"]),
+        "same_batch_sign_agreement": (
+            math.nan if same_batch["sign_agreement"] is None else float(same_batch["sign_agreement"])
+        ),
         "wall_seconds": max(_finite(rows, "wall_seconds"), default=math.nan),
     }
     out["entropy_change"] = out["entropy_last"] - out["entropy_first"]
@@ -261,6 +324,14 @@ def summarise(
             score = evals.get(run_name(method, seed))
             if score is not None:
                 values.update({m: float(score[m]) for m in EVAL_METRICS})
+                modes = score.get("answer_modes")
+                if modes and len(modes["share"]) > 1:
+                    values.update(
+                        common_share=modes["share"][0],
+                        rare_share=modes["share"][1],
+                        rare_pass=modes["pass_by"][1],
+                        only_rare_pass=modes["only_rare_pass"],
+                    )
             per_run[method][seed] = values
     out: dict[str, Any] = {
         "per_run": per_run,
@@ -290,6 +361,7 @@ def _pooled_delta_entropy(runs: Iterable[Mapping[str, Any]], window: int) -> dic
     blocks = [b for run in runs for b in block_sums(sync_pairs(run["rows"]), window)]
     return {
         **delta_entropy_agreement(rows),
+        "same_batch": delta_entropy_agreement(rows, SAME_BATCH_PAIR, "steps"),
         "realised_negative_frac": statistics.fmean(r < 0 for _, r in pairs) if pairs else math.nan,
         "block_pearson_r": _pearson(*_unzip(blocks)),
         "blocks": len(blocks),
@@ -298,6 +370,42 @@ def _pooled_delta_entropy(runs: Iterable[Mapping[str, Any]], window: int) -> dic
 
 def run_name(method: str, seed: int) -> str:
     return f"{method}-s{seed}"
+
+
+def answer_modes(samples: Sequence[Sequence[str]], answers: Sequence[str]) -> dict[str, Any]:
+    """Which valid answer the samples gave (multi_answer: alternative 0 the reversal, 1 the copy).
+
+    ``samples[q]`` are question q's K responses, ``answers[q]`` its answer cell. Returns
+    ``share[i]``: fraction of all samples equal to alternative i; ``pass_by[i]``: fraction of
+    questions with at least one sample equal to alternative i; ``only_rare_pass``: fraction of
+    questions solved, but never by alternative 0 (what Pass@K would lose without the rarer answers).
+    """
+    from tasks.synthetic import normalise_response, valid_answers
+
+    n_alt = max(len(valid_answers(a)) for a in answers)
+    hits = [0] * n_alt
+    passed = [0] * n_alt
+    only_rare = 0
+    total = 0
+    for responses, answer in zip(samples, answers, strict=True):
+        alternatives = [normalise_response(a) for a in valid_answers(answer)]
+        seen = [False] * n_alt
+        for response in responses:
+            total += 1
+            text = normalise_response(response)
+            for i, alt in enumerate(alternatives):
+                if text == alt:
+                    hits[i] += 1
+                    seen[i] = True
+                    break
+        passed = [p + s for p, s in zip(passed, seen, strict=True)]
+        only_rare += (not seen[0]) and any(seen[1:])
+    questions = max(len(answers), 1)
+    return {
+        "share": [h / max(total, 1) for h in hits],
+        "pass_by": [p / questions for p in passed],
+        "only_rare_pass": only_rare / questions,
+    }
 
 
 # ---------------------------------------------------------------- training and evaluation
@@ -315,7 +423,7 @@ def train_or_reuse(cfg: Any, progress: bool) -> tuple[Path, float, bool]:
 
     run_dir = Path(cfg.run.root_dir) / cfg.run.name
     finished = (run_dir / "final_model" / "config.json").is_file() and (run_dir / "metrics.parquet").is_file()
-    if finished and (run_dir / "config.yaml").read_text() == dump_config(cfg):
+    if finished and _same_config(run_dir / "config.yaml", cfg):
         record = run_dir / SECONDS_FILE
         seconds = (
             json.loads(record.read_text())["seconds"]
@@ -331,24 +439,86 @@ def train_or_reuse(cfg: Any, progress: bool) -> tuple[Path, float, bool]:
     return run_dir, seconds, False
 
 
+def _finished(cfg: Any) -> bool:
+    """Whether ``cfg``'s run directory holds a finished run of that same config."""
+    run_dir = Path(cfg.run.root_dir) / cfg.run.name
+    return (
+        (run_dir / "final_model" / "config.json").is_file()
+        and (run_dir / "metrics.parquet").is_file()
+        and _same_config(run_dir / "config.yaml", cfg)
+    )
+
+
+def _same_config(stored: Path, cfg: Any) -> bool:
+    """Whether the run directory's config is ``cfg``, read through today's schema: an option added
+    after the run was made counts at its default (what the run used), not as a difference."""
+    from driftrl.config import ConfigError, dump_config, load_config
+
+    try:
+        return dump_config(load_config(stored)) == dump_config(cfg)
+    except ConfigError:
+        return False
+
+
 def _read_rows(run_dir: Path) -> list[dict[str, float]]:
     import pyarrow.parquet as pq
 
     return pq.read_table(run_dir / "metrics.parquet").to_pylist()
 
 
+EVAL_FILE = "experiment_eval.json"
+
+
 def evaluate_models(
-    models: Mapping[str, Path], cfg: Any, k: int, questions: int, temperature: float, seed: int
+    models: Mapping[str, Path],
+    cfg: Any,
+    k: int,
+    questions: int,
+    temperature: float,
+    seed: int,
+    cache: Mapping[str, Path] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Avg@K, Pass@K (vLLM sampling) and greedy accuracy of each model on the held-out questions.
 
     Every model samples with the same per-question seeds, so the differences between models are
-    not inflated by independent sampling noise.
+    not inflated by independent sampling noise. ``cache[name]`` is a JSON file holding the
+    evaluation of that model under the same settings (read if it is, written after evaluating):
+    a run is evaluated right after it trains, in the same CPU slot, and the report reads it back.
     """
+    cache = cache or {}
+    settings = {
+        "k": k,
+        "questions": questions,
+        "temperature": temperature,
+        "seed": seed,
+        "eval_path": str(cfg.task.eval_path),
+    }
+    out: dict[str, dict[str, Any]] = {}
+    todo: dict[str, Path] = {}
+    for name, path in models.items():
+        file = cache.get(name)
+        stored = json.loads(file.read_text()) if file is not None and file.is_file() else None
+        if stored is not None and stored.get("settings") == {**settings, "model": str(path)}:
+            out[name] = stored["score"]
+        else:
+            todo[name] = path
+    if not todo:
+        return out
+    for name, score in _evaluate(todo, cfg, k, questions, temperature, seed).items():
+        out[name] = score
+        if name in cache:
+            cache[name].write_text(json.dumps({"settings": {**settings, "model": str(todo[name])}, "score": score}))
+    return {name: out[name] for name in models}
+
+
+def _evaluate(
+    models: Mapping[str, Path], cfg: Any, k: int, questions: int, temperature: float, seed: int
+) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate_models` without the cache."""
     from transformers import AutoTokenizer
 
     from driftrl.cli import make_verifier
-    from tasks.evaluation import KSampler, SamplingSetup, evaluate_prompt_set, load_prompt_set
+    from tasks.evaluation import KSampler, SamplingSetup, judge, load_prompt_set, score_dataset
     from tasks.heldout import answer_token_budget, evaluate_accuracy
     from tasks.synthetic import load_rows
 
@@ -363,7 +533,7 @@ def evaluate_models(
     )
     rows = load_rows(cfg.task.eval_path)[:questions]
     # every model here shares the warm start's character tokenizer
-    budget = answer_token_budget(AutoTokenizer.from_pretrained(str(models[WARM])), rows, cfg.task.answer_key)
+    budget = answer_token_budget(AutoTokenizer.from_pretrained(str(next(iter(models.values())))), rows, cfg.task.answer_key)
     verifier = make_verifier(cfg.task.type)
     setup = SamplingSetup(temperature=temperature, top_p=1.0, max_tokens=cfg.rollout.max_tokens, seed=seed)
     out: dict[str, dict[str, Any]] = {}
@@ -376,7 +546,8 @@ def evaluate_models(
             kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes,
             seed=seed,
         )
-        score = evaluate_prompt_set(sampler, prompt_set, k, setup, verifier)
+        samples = sampler.sample(prompt_set.prompts, k, setup, desc=f"eval {prompt_set.name}")
+        score = score_dataset(prompt_set.name, judge(samples, prompt_set.answers, verifier), k)
         # one engine at a time: its engine-core process goes when the LLM object is collected
         del sampler
         gc.collect()
@@ -389,6 +560,7 @@ def evaluate_models(
             "pass_at": {str(j): v for j, v in score.pass_at.items()},
             "greedy_accuracy": greedy,
             "correct_counts": score.correct_counts,
+            "answer_modes": answer_modes(samples, prompt_set.answers),
             "seconds": time.perf_counter() - started,
         }
         print(
@@ -444,7 +616,7 @@ def _signed(values: Sequence[float]) -> str:
 
 
 def claims(summary: Mapping[str, Any]) -> list[str]:
-    """The paper's claims, each checked against this experiment's verdicts."""
+    """The paper's claims, each checked against this experiment's verdicts (every method vs GRPO)."""
     by_method, vs = summary["by_method"], summary.get("vs_grpo", {})
     lines = []
     grpo_cov = by_method[BASELINE]["cov_negative_frac"]
@@ -460,10 +632,12 @@ def claims(summary: Mapping[str, Any]) -> list[str]:
         " Cov is the entropy-decreasing sign."
     )
     for key, claim in (
-        ("probe_entropy_last", "ClipB/ClipV keep entropy higher than GRPO (probe set)"),
-        ("entropy_last", "ClipB/ClipV keep entropy higher than GRPO (training batches)"),
-        ("pass_at_k", "ClipB/ClipV raise Pass@K over GRPO"),
-        ("avg_at_k", "ClipB/ClipV change Avg@K relative to GRPO"),
+        ("probe_entropy_last", "The masks keep entropy higher than GRPO (probe set)"),
+        ("entropy_last", "The masks keep entropy higher than GRPO (training batches)"),
+        ("pass_at_k", "The masks raise Pass@K over GRPO"),
+        ("avg_at_k", "The masks change Avg@K relative to GRPO"),
+        ("rare_share", "The masks keep the rarer valid answer (the copy) alive"),
+        ("only_rare_pass", "The masks keep questions solved only through the copy"),
     ):
         parts = [
             f"{METHOD_LABELS[m]} {c[key]['mean']:+.3f} ({c[key]['verdict']})"
@@ -482,65 +656,119 @@ How to read these numbers:
   `max_staleness` policy versions behind the learner (the `staleness` column is the measured lag).
   Runs are not bit-reproducible (async timing decides which rows a step samples), which is part
   of the seed-to-seed spread.
-- A difference is called `higher`/`lower` only when both seeds agree in sign and the mean
+- A difference is called `higher`/`lower` only when every seed agrees in sign and the mean
   difference exceeds twice the noise: the larger std over seeds of the two methods, and for
   Avg@K/Pass@K/greedy accuracy at least the sampling standard error over held-out questions. With
-  two seeds this is a screen, not a significance test.
-- Cov(A, r·Sc), the predicted entropy change and the entropy moments are the learner's metrics over
-  all valid tokens of a step, *before* the clip mask is applied, so for ClipB/ClipV they describe
-  the sampled batch, not the tokens actually trained on.
-- The predicted ΔH is −mean(r·A·Sc) per unit step size (ALGORITHM.md §2) and ignores the clip mask,
-  PPO ratio clipping and Adam's preconditioning; the realised ΔH is the change of the mean token
-  entropy on a fixed probe set (held-out prompt + reference answer, teacher-forced), so the two are
-  measured on different tokens. Only the sign and the correlation of the two are comparable; with
-  the prediction almost always negative, "same sign" is close to the fraction of syncs whose
-  realised change is negative.
+  three seeds this is a screen, not a significance test; `within noise` means no difference was
+  shown, not that there is none.
+- Cov(A, r·Sc) and the entropy moments are the learner's metrics over all valid tokens of a step,
+  *before* the clip mask is applied, so for ClipB/ClipV they describe the sampled batch, not the
+  tokens actually trained on.
+- Same-batch ΔH (the test of the first-order law): every step, the learner re-runs a no-grad
+  forward on the step's own tokens right after the optimizer step; realised = mean token entropy
+  after − before, predicted = η_eff · (−mean r·A·Sc over the kept tokens), η_eff = |Δθ| / |grad|
+  (approximate for Adam, so sign and correlation are the comparable parts).
+- Probe-set ΔH (a drift gauge, not the law): the change of mean token entropy on a fixed probe set
+  (held-out prompt + reference answer, teacher-forced) per weight sync, against the summed
+  predictions since the last sync; measured on other tokens than the prediction.
 """
+
+
+def _mode_lines(results: Mapping[str, Any]) -> list[str]:
+    """multi_answer: which valid answer the K samples gave, per method (mean ± std over seeds)."""
+    evals, by_method = results["evals"], results["summary"]["by_method"]
+    modes = evals[WARM].get("answer_modes")
+    if not modes or len(modes["share"]) < 2:
+        return []
+    k = results["settings"]["k"]
+    lines = [
+        "",
+        f"## Which valid answer the {k} samples give (held-out, temperature "
+        f"{results['settings']['eval_temperature']:g})",
+        "",
+        "| model | share of samples: reversal | share: copy | questions with a copy among the K | "
+        "questions solved only by a copy |",
+        "|---|---|---|---|---|",
+        f"| warm start (this run's evaluation) | {modes['share'][0]:.3f} | {modes['share'][1]:.3f} | "
+        f"{modes['pass_by'][1]:.3f} | {modes['only_rare_pass']:.3f} |",
+    ]
+    for method, b in by_method.items():
+        if "rare_share" not in b:
+            continue
+        lines.append(
+            f"| {METHOD_LABELS[method]} | {_pm(b['common_share'])} | {_pm(b['rare_share'])} | "
+            f"{_pm(b['rare_pass'])} | {_pm(b['only_rare_pass'])} |"
+        )
+    return lines
 
 
 def summary_markdown(results: Mapping[str, Any]) -> str:
     s, summary, evals = results["settings"], results["summary"], results["evals"]
     k, by_method = s["k"], summary["by_method"]
     seeds = s["seeds"]
+    variant = s.get("variant", "reversal")
     run_seconds = [r["seconds"] for by in results["runs"].values() for r in by.values()]
     train_s, n_runs = math.fsum(run_seconds), len(run_seconds)
+    w = evals[WARM]
+    missing = [
+        run_name(m, x) for m in s["methods"] for x in seeds if str(x) not in map(str, results["runs"].get(m, {}))
+    ]
+    task = (
+        "string reversal (`task.variant=reversal`)"
+        if variant == "reversal"
+        else f"the multi-answer variant (`task.variant=multi_answer`: reversal or copy both right; the warm start "
+        f"taught the copy on {s.get('rare_frac', 0):.0%} of train rows, see `tasks/synthetic.py`)"
+    )
     lines = [
-        "# Entropy dynamics through the real async pipeline (tiny scale)",
+        f"# Entropy dynamics through the real async pipeline (tiny scale, {variant})",
         "",
         f"`{s['command']}`",
         "",
-        f"{len(s['methods'])} methods × seeds {seeds}, {s['steps']} learner steps each, from the same warm start "
-        f"`{s['warm_start']}` (greedy held-out accuracy {evals[WARM]['greedy_accuracy']:.3f} on the "
-        f"{s['heldout']} questions below); `{s['config']}` with lr {s['lr']:g}, {s['groups_per_step']} prompts × "
+        f"Task: {task}. {len(s['methods'])} methods × seeds {seeds} asked, {s['steps']} learner steps each; "
+        + (
+            "all runs reported. "
+            if not missing
+            else f"**{n_runs} of {len(s['methods']) * len(seeds)} runs finished and reported** (`--reuse-only`; "
+            f"missing: {', '.join(missing)}), so some methods have fewer seeds (column `seeds`) and a method with one "
+            "seed gets no verdict. "
+        )
+        + "Every run starts from the same "
+        f"warm start `{s['warm_start']}`, whose accuracy was measured in this run's own evaluation: greedy "
+        f"{w['greedy_accuracy']:.3f}, Avg@{k} {w['avg_at_k']:.3f}, Pass@{k} {w['pass_at_k']:.3f} on the "
+        f"{s['heldout']} held-out questions. `{s['config']}` with lr {s['lr']:g}, {s['groups_per_step']} prompts × "
         f"{s['group_size']} responses per step, rollout temperature {s['rollout_temperature']:g}, "
-        f"`max_staleness` {s['max_staleness']}, clip μ = {s['mu']:g} ({s['form']} form). A seed sets `run.seed` "
-        "and `rollout.seed`.",
+        f"`max_staleness` {s['max_staleness']}. A seed sets `run.seed` and `rollout.seed`.",
+        "",
+        "Methods. The paper's test: the baseline is **vanilla GRPO** (PPO ratio clip ε 0.2/0.2, no mask); "
+        "**clip-higher** (ε 0.2/0.28, no mask) is a second baseline; **ClipB** and **ClipV** are the authors' "
+        "released forms (`learner.clip.preset=released`, ALGORITHM.md §3: `negative_lower`, ClipB μ 2.5, "
+        "ClipV μ 8.5 with the 1e-4 cap) on GRPO's ε 0.2/0.2, so the mask is their only difference from the "
+        "baseline. **ClipV r-weighted** is driftrl's extension, not the paper's (the released ClipV thresholding "
+        "r·Sc instead of Sc), compared beside them.",
+        "",
         f"Evaluation: {s['heldout']} held-out questions, K = {k} samples per question at temperature "
         f"{s['eval_temperature']:g} (the paper's evaluation temperature), vLLM through "
         "`tasks.evaluation.KSampler`, the same sampling seeds for every model; greedy accuracy with "
         "`tasks.heldout`.",
         f"Wall time on the shared 2-core machine: training {train_s / 60:.1f} min ({n_runs} runs, "
         f"{train_s / n_runs:.0f} s each on average including Ray/vLLM/DeepSpeed start-up and the final "
-        f"export), evaluation {results['eval_seconds'] / 60:.1f} min ({len(evals)} vLLM engines), "
-        f"{(train_s + results['eval_seconds']) / 60:.1f} min in all.",
+        f"export), evaluation {results['eval_seconds'] / 60:.1f} min ({len(evals)} vLLM engines).",
         "",
         f"## Results (mean ± std over seeds; first/last = mean of the first/last {s['window']} steps)",
         "",
-        "| method | batch entropy first → last | probe entropy start → last | reward first → last | "
-        "Cov(A,r·Sc) mean (frac < 0) | masked all / A>0 / A<0 | staleness | "
+        "| method | seeds | ε low/high | batch entropy first → last | probe entropy start → last | reward first → last | "
+        "masked all / A>0 / A<0 | staleness | "
         f"Avg@{k} | Pass@{k} | greedy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| warm start (measured in this run) | | | | | | | | {w['avg_at_k']:.3f} | {w['pass_at_k']:.3f} | "
+        f"{w['greedy_accuracy']:.3f} |",
     ]
-    w = evals[WARM]
-    lines.append(
-        f"| warm start | | | | | | | {w['avg_at_k']:.3f} | {w['pass_at_k']:.3f} | {w['greedy_accuracy']:.3f} |"
-    )
     for method, b in by_method.items():
         lines.append(
-            f"| {METHOD_LABELS[method]} | {b['entropy_first']['mean']:.3f} → {_pm(b['entropy_last'])} | "
+            f"| {METHOD_LABELS[method]} | {len(b['steps']['per_seed'])} | {s.get('clip_eps', {}).get(method, '')} | "
+            f"{b['entropy_first']['mean']:.3f} → {_pm(b['entropy_last'])} | "
             f"{b['probe_entropy_start']['mean']:.3f} → {_pm(b['probe_entropy_last'])} | "
             f"{b['reward_first']['mean']:.3f} → {_pm(b['reward_last'])} | "
-            f"{b['cov_mean']['mean']:.2e} ({b['cov_negative_frac']['mean']:.2f}) | "
             f"{b['dropped_frac']['mean']:.4f} / {b['dropped_frac_pos_adv']['mean']:.4f} / "
             f"{b['dropped_frac_neg_adv']['mean']:.4f} | {b['staleness_mean']['mean']:.2f} | "
             f"{_pm(b['avg_at_k'])} | {_pm(b['pass_at_k'])} | {_pm(b['greedy_accuracy'])} |"
@@ -550,6 +778,21 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         f"Sampling standard error over questions (warm start): Avg@{k} ±{results['question_se']['avg_at_k']:.3f}, "
         f"Pass@{k} ±{results['question_se']['pass_at_k']:.3f}, greedy "
         f"±{results['question_se']['greedy_accuracy']:.3f}.",
+        "",
+        "Per seed (Avg@K / Pass@K / greedy):",
+        "",
+    ]
+    for method, b in by_method.items():
+        lines.append(
+            f"- {METHOD_LABELS[method]}: "
+            + "; ".join(
+                f"s{x} {b['avg_at_k']['per_seed'][x]:.3f} / {b['pass_at_k']['per_seed'][x]:.3f} / "
+                f"{b['greedy_accuracy']['per_seed'][x]:.3f}"
+                for x in b["avg_at_k"]["per_seed"]
+            )
+        )
+    lines += _mode_lines(results)
+    lines += [
         "",
         "## Against GRPO (method − GRPO; seeds paired)",
         "",
@@ -561,24 +804,37 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         for key, c in comparisons.items():
             lines.append(
                 f"| {METHOD_LABELS[method]} | {labels[key]} | "
-                + " | ".join(f"{c['per_seed'][x]:+.3f}" for x in seeds)
+                + " | ".join(f"{c['per_seed'][x]:+.3f}" if x in c["per_seed"] else "–" for x in seeds)
                 + f" | {c['mean']:+.3f} | {c['noise']:.3f} | {c['verdict']} |"
             )
     lines += [
         "",
-        "## Cov(A, r·Sc) over training",
+        "## Same-batch entropy change: predicted vs realised on the step's own tokens",
         "",
-        "| method | mean | first half | second half | frac < 0 | per seed: mean (frac < 0) | "
-        "predicted ΔH/step mean | r(Cov, predicted ΔH) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | Pearson r per seed | r, seeds pooled | same sign, pooled | steps |",
+        "|---|---|---|---|---|",
     ]
     for method, b in by_method.items():
-        per_seed = ", ".join(
-            f"{b['cov_mean']['per_seed'][x]:.2e} ({b['cov_negative_frac']['per_seed'][x]:.2f})" for x in seeds
+        pooled = summary["pooled_delta_entropy"][method]["same_batch"]
+        r = pooled["pearson_r"]
+        sign = pooled["sign_agreement"]
+        lines.append(
+            f"| {METHOD_LABELS[method]} | "
+            + ", ".join(f"{v:.3f}" for v in b["same_batch_pearson_r"]["per_seed"].values())
+            + f" | {'n/a' if r is None else f'{r:.3f}'} | {'n/a' if sign is None else f'{sign:.2f}'} | "
+            f"{pooled['steps']} |"
         )
+    lines += [
+        "",
+        "## Cov(A, r·Sc) over training",
+        "",
+        "| method | mean | first half | second half | frac < 0 | predicted ΔH/step mean | r(Cov, predicted ΔH) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, b in by_method.items():
         lines.append(
             f"| {METHOD_LABELS[method]} | {b['cov_mean']['mean']:.2e} | {b['cov_mean_first_half']['mean']:.2e} | "
-            f"{b['cov_mean_second_half']['mean']:.2e} | {b['cov_negative_frac']['mean']:.2f} | {per_seed} | "
+            f"{b['cov_mean_second_half']['mean']:.2e} | {b['cov_negative_frac']['mean']:.2f} | "
             f"{b['predicted_entropy_change_mean']['mean']:.2e} | {b['cov_vs_predicted_r']['mean']:.3f} |"
         )
     lines += [
@@ -592,13 +848,13 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         lines.append(
             f"| {METHOD_LABELS[method]} | {_pm(b['dropped_frac'], 4)} | {_pm(b['dropped_frac_pos_adv'], 4)} | "
             f"{_pm(b['dropped_frac_neg_adv'], 4)} | "
-            + ", ".join(f"{b['dropped_frac']['per_seed'][x]:.4f}" for x in seeds)
+            + ", ".join(f"{v:.4f}" for v in b["dropped_frac"]["per_seed"].values())
             + f" | {b['ppo_clipped_frac']['mean']:.4f} | {b['ratio_mean']['mean']:.3f} | "
             f"{max(b['ratio_max']['per_seed'].values()):.2f} |"
         )
     lines += [
         "",
-        "## Predicted vs realised entropy change per sync",
+        "## Probe-set entropy change per sync (drift gauge)",
         "",
         f"| method | r per sync, per seed | r per sync, seeds pooled | r over {s['window']}-sync sums, pooled "
         "(blocks) | same sign | realised < 0 | syncs |",
@@ -609,7 +865,7 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         r = pooled["pearson_r"]
         lines.append(
             f"| {METHOD_LABELS[method]} | "
-            + ", ".join(f"{b['delta_entropy_pearson_r']['per_seed'][x]:.3f}" for x in seeds)
+            + ", ".join(f"{v:.3f}" for v in b["delta_entropy_pearson_r"]["per_seed"].values())
             + f" | {'n/a' if r is None else f'{r:.3f}'} | {pooled['block_pearson_r']:.3f} ({pooled['blocks']}) | "
             f"{pooled['sign_agreement']:.2f} | {pooled['realised_negative_frac']:.2f} | {pooled['syncs']} |"
         )
@@ -631,13 +887,19 @@ def _series_of(rows: Sequence[Mapping[str, float]]) -> dict[str, list[float | No
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=DEFAULT_OUT, help="Report directory (summary.md, results.json, PNGs).")
     p.add_argument(
-        "--runs-dir", default=DEFAULT_RUNS, help="Run directories (checkpoints, models); keep git-ignored."
+        "--variant",
+        default="reversal",
+        choices=list(VARIANT_PATHS),
+        help="Synthetic task variant (task.variant): reversal, or multi_answer (reversal or copy; see tasks/synthetic.py).",
+    )
+    p.add_argument("--out", default=None, help="Report directory (summary.md, results.json, PNGs); per variant.")
+    p.add_argument(
+        "--runs-dir", default=None, help="Run directories (checkpoints, models); keep git-ignored; per variant."
     )
     p.add_argument("--config", default="configs/tiny-cpu.yaml")
-    p.add_argument("--steps", type=int, default=150, help="Learner steps per run.")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--steps", type=int, default=100, help="Learner steps per run.")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--k", type=int, default=8, help="Samples per held-out question for Avg@K/Pass@K.")
     p.add_argument("--heldout", type=int, default=256, help="Held-out questions evaluated.")
@@ -645,17 +907,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-seed", type=int, default=0)
     p.add_argument("--window", type=int, default=15, help="Steps averaged for first/last values and curves.")
     p.add_argument("--progress", action="store_true", help="Draw each run's progress bar.")
+    p.add_argument(
+        "--train-only",
+        action="store_true",
+        help="Train (or reuse) the runs asked for and stop: one run per call lets a shared machine interleave them.",
+    )
+    p.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="Report only the runs already finished with the same config; train nothing (the rest are left out).",
+    )
+    p.add_argument("--setup-only", action="store_true", help="With --train-only: build data and warm start, then stop.")
     p.add_argument("overrides", nargs="*", help="Further dotted config overrides for every run.")
     args = p.parse_args(argv)
-    if BASELINE not in args.methods:
+    if BASELINE not in args.methods and not args.train_only:
         p.error(f"--methods must include the baseline {BASELINE!r}")
 
     from driftrl.config import load_config
 
     started = time.perf_counter()
+    paths = VARIANT_PATHS[args.variant]
+    args.out = args.out or paths["out"]
+    args.runs_dir = args.runs_dir or paths["runs_dir"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = [
+        *(f"{key}={value}" for key, value in paths.items() if "." in key),
+        f"task.variant={args.variant}",
         *args.overrides,
         "metrics.port=0",
         f"run.root_dir={args.runs_dir}",
@@ -663,13 +941,26 @@ def main(argv: list[str] | None = None) -> int:
     ]
     base = load_config(args.config, common)
     if not (Path(base.model.path) / "config.json").is_file():
-        # only when missing: ensure_tiny_default rebuilds a warm start made with another run.seed,
-        # and the shared cache must not change under other users of this checkout
-        from driftrl.pipeline import ensure_tiny_default
+        # only when missing: the warm start is rebuilt for another run.seed, and the shared cache
+        # must not change under other users of this checkout
+        from tasks.warm_start import ensure_tiny_setup
 
-        ensure_tiny_default(base, progress=args.progress)
+        ensure_tiny_setup(
+            train_path=base.task.train_path,
+            eval_path=base.task.eval_path,
+            model_path=base.model.path,
+            seed=base.run.seed,
+            prompt_key=base.task.prompt_key,
+            answer_key=base.task.answer_key,
+            progress=args.progress,
+            variant=base.task.variant,
+            rare_frac=base.task.rare_frac,
+        )
+    if args.train_only and args.setup_only:
+        return 0
 
     runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in args.methods}
+    Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for method in args.methods:
             cfg = load_config(
@@ -682,7 +973,21 @@ def main(argv: list[str] | None = None) -> int:
                     *method_overrides(method),
                 ],
             )
+            if args.reuse_only and not _finished(cfg):
+                print(f"seed {seed} {method}: no finished run, left out (--reuse-only)", flush=True)
+                continue
             run_dir, seconds, reused = train_or_reuse(cfg, args.progress)
+            if args.train_only:
+                # evaluated in the same CPU slot as its training; the report reads the cache
+                evaluate_models(
+                    {run_name(method, seed): run_dir / "final_model"},
+                    base,
+                    args.k,
+                    args.heldout,
+                    args.eval_temperature,
+                    args.eval_seed,
+                    {run_name(method, seed): run_dir / EVAL_FILE},
+                )
             rows = _read_rows(run_dir)
             runs[method][seed] = {"run_dir": str(run_dir), "seconds": seconds, "reused": reused, "rows": rows}
             last = summarise_run(rows, args.window)
@@ -694,19 +999,29 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     train_seconds = time.perf_counter() - started
+    if args.train_only:
+        return 0
+    runs = {m: by for m, by in runs.items() if by}
+    if BASELINE not in runs:
+        p.error(f"no finished run of the baseline {BASELINE!r}")
 
     models = {WARM: Path(base.model.path)}
     models.update(
         {run_name(m, s): Path(r["run_dir"]) / "final_model" for m, by in runs.items() for s, r in by.items()}
     )
     eval_started = time.perf_counter()
-    evals = evaluate_models(models, base, args.k, args.heldout, args.eval_temperature, args.eval_seed)
+    cache = {WARM: Path(args.runs_dir) / f"warm_start_{EVAL_FILE}"}
+    cache.update({run_name(m, s): Path(r["run_dir"]) / EVAL_FILE for m, by in runs.items() for s, r in by.items()})
+    evals = evaluate_models(models, base, args.k, args.heldout, args.eval_temperature, args.eval_seed, cache)
     eval_seconds = time.perf_counter() - eval_started
 
     summary = summarise(runs, evals, args.window, args.k)
     results: dict[str, Any] = {
         "settings": {
             **{k: v for k, v in vars(args).items() if k not in ("progress",)},
+            "variant": args.variant,
+            "rare_frac": base.task.rare_frac,
+            "clip_eps": {m: _eps_of(m) for m in args.methods},
             "command": "python -m experiments.entropy_dynamics.pipeline_runs"
             + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv)),
             "warm_start": base.model.path,

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from experiments.entropy_dynamics.pipeline_runs import (
+    METHOD_LABELS,
+    METHODS,
     WARM,
+    answer_modes,
     block_sums,
     compare_report,
     compare_with_baseline,
@@ -42,6 +45,9 @@ def _rows(offset: float = 0.0) -> list[dict[str, float]]:
             "ratio_mean": 1.0,
             "ratio_max": 1.5 + i,
             "clipped_frac": 0.0,
+            # same-batch pair: realised = -predicted at three of four steps (step 3 unmeasured)
+            "predicted_entropy_change": [-1.0, -2.0, math.nan, -4.0][i],
+            "realised_entropy_change": [1.0, 2.5, 0.5, -4.0][i],
             "wall_seconds": 10.0 + i,
         }
         for i in range(4)
@@ -73,6 +79,14 @@ def test_run_summary_worked_by_hand() -> None:
     assert s["delta_entropy_realised_negative_frac"] == 1.0
     # two blocks of two syncs: too few pairs for a correlation
     assert math.isnan(s["delta_entropy_block_r"])
+    # same batch: pairs (-1, 1), (-2, 2.5), (-4, -4); one of three with equal signs
+    assert s["same_batch_steps"] == 3
+    assert s["same_batch_sign_agreement"] == pytest.approx(1 / 3)
+    xs, ys = [-1.0, -2.0, -4.0], [1.0, 2.5, -4.0]
+    mx, my = sum(xs) / 3, sum(ys) / 3
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    r = sxy / math.sqrt(sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
+    assert s["same_batch_pearson_r"] == pytest.approx(r)
     assert s["wall_seconds"] == 13.0
 
 
@@ -80,7 +94,7 @@ def test_block_sums_leave_out_an_incomplete_block() -> None:
     assert block_sums([(1.0, 2.0), (3.0, 4.0), (5.0, 6.0)], 2) == [(4.0, 6.0)]
 
 
-def test_comparison_needs_both_seeds_and_twice_the_noise() -> None:
+def test_comparison_needs_every_seed_and_twice_the_noise() -> None:
     per_run = {
         "grpo": {0: {"x": 0.5}, 1: {"x": 0.6}},
         "clip_b": {0: {"x": 0.7}, 1: {"x": 0.8}},
@@ -97,6 +111,13 @@ def test_comparison_needs_both_seeds_and_twice_the_noise() -> None:
     mixed = compare_with_baseline(per_run, "x", "clip_v")
     assert mixed["per_seed"] == {0: pytest.approx(0.2), 1: pytest.approx(-0.1)}
     assert mixed["verdict"] == "within noise"
+    # three seeds: one disagreeing seed is enough to withhold a verdict
+    three = {m: {**v, 2: {"x": v[0]["x"]}} for m, v in per_run.items()}
+    three["clip_b"][2] = {"x": 0.4}
+    assert compare_with_baseline(three, "x", "clip_b")["verdict"] == "within noise"
+    assert compare_with_baseline({m: {0: v[0]} for m, v in per_run.items()}, "x", "clip_b")["verdict"] == (
+        "one seed: no verdict"
+    )
 
 
 def test_question_standard_errors() -> None:
@@ -108,12 +129,41 @@ def test_question_standard_errors() -> None:
     assert question_se(score, 8, "greedy_accuracy") == pytest.approx(math.sqrt(0.25 / 4))
 
 
-def test_method_overrides_select_the_clip() -> None:
-    assert method_overrides("grpo") == ["learner.clip.method=none", "learner.clip.importance_weighted=false"]
-    assert method_overrides("clip_v_r") == [
-        "learner.clip.method=clip_v",
-        "learner.clip.importance_weighted=true",
-    ]
+def test_methods_are_vanilla_grpo_clip_higher_and_the_released_masks() -> None:
+    from driftrl.config import load_config
+
+    base = Path(__file__).resolve().parents[2] / "configs/tiny-cpu.yaml"
+    cfg = {m: load_config(base, method_overrides(m)).learner for m in METHODS}
+    eps = {m: (c.loss.clip_eps_low, c.loss.clip_eps_high) for m, c in cfg.items()}
+    assert eps == {m: (0.2, 0.28 if m == "clip_higher" else 0.2) for m in METHODS}
+    assert cfg["grpo"].clip.method == cfg["clip_higher"].clip.method == "none"
+    # ALGORITHM.md §3 released forms, whatever the base config's clip says
+    b, v, vr = cfg["clip_b"].clip, cfg["clip_v"].clip, cfg["clip_v_r"].clip
+    assert (b.preset, b.method, b.form, b.mu, b.max_frac, b.importance_weighted) == (
+        "released", "clip_b", "negative_lower", 2.5, None, False
+    )
+    assert (v.preset, v.method, v.form, v.mu, v.max_frac, v.importance_weighted) == (
+        "released", "clip_v", "negative_lower", 8.5, 1e-4, False
+    )
+    # ours: the released ClipV but thresholding r·Sc, and labelled as ours
+    assert (vr.method, vr.form, vr.mu, vr.max_frac, vr.importance_weighted) == (
+        "clip_v", "negative_lower", 8.5, 1e-4, True
+    )
+    assert "ours" in METHOD_LABELS["clip_v_r"]
+
+
+def test_answer_modes_by_hand() -> None:
+    samples = [["cba", "abc", "cba", "x"], ["fed", "fed", "zz", "zz"], ["def", "zz", "zz", "zz"], ["a", "b", "c", "d"]]
+    answers = ["cba|abc", "fed|def", "fed|def", "cba|abc"]
+    modes = answer_modes(samples, answers)
+    # 16 samples: reversals cba, cba, fed, fed = 4; copies abc, def = 2
+    assert modes["share"] == [pytest.approx(4 / 16), pytest.approx(2 / 16)]
+    # a reversal among the K on questions 0 and 1, a copy on 0 and 2
+    assert modes["pass_by"] == [0.5, 0.5]
+    # question 2 is solved only by its copy
+    assert modes["only_rare_pass"] == 0.25
+    # reversal cells have one alternative
+    assert answer_modes([["ab", "ba"]], ["ba"]) == {"share": [0.5], "pass_by": [1.0], "only_rare_pass": 0.0}
 
 
 def test_report_from_synthetic_runs(tmp_path: Path) -> None:
@@ -129,6 +179,7 @@ def test_report_from_synthetic_runs(tmp_path: Path) -> None:
             "pass_at": {"1": avg, "2": avg + 0.1, "4": avg + 0.15, "8": avg + 0.2},
             "greedy_accuracy": avg,
             "correct_counts": [0, 8, 4, 4],
+            "answer_modes": {"share": [avg, avg / 4], "pass_by": [avg, avg / 2], "only_rare_pass": avg / 10},
         }
 
     evals = {WARM: score(0.3)} | {run_name(m, s): score(0.4 + 0.01 * s) for m in runs for s in (0, 1)}
@@ -161,6 +212,9 @@ def test_report_from_synthetic_runs(tmp_path: Path) -> None:
             "mu": 2.5,
             "form": "symmetric",
             "eval_temperature": 0.7,
+            "variant": "multi_answer",
+            "rare_frac": 0.15,
+            "clip_eps": {"grpo": "0.2/0.2", "clip_v": "0.2/0.2"},
         },
         "seconds": 60.0,
         "train_seconds": 50.0,
@@ -172,7 +226,37 @@ def test_report_from_synthetic_runs(tmp_path: Path) -> None:
         "plots": compare_report(tmp_path, runs, evals, k=8, window=2),
     }
     text = summary_markdown(results)
-    assert "| ClipV | batch entropy (last window) | +0.050 | +0.050 |" in text
+    assert "| ClipV (released) | batch entropy (last window) | +0.050 | +0.050 |" in text
+    assert "| warm start (measured in this run) | | | | | | | | 0.300 | 0.500 | 0.300 |" in text
+    # multi_answer: the copy's share per method, the warm start's from its own evaluation
+    assert "| warm start (this run's evaluation) | 0.300 | 0.075 | 0.150 | 0.030 |" in text
+    assert "| ClipV (released) | 0.405 ± 0.005 | 0.101 ± 0.001 |" in text
+    assert "| GRPO (ε 0.2/0.2) | 2 | 0.2/0.2 |" in text
+    assert "## Same-batch entropy change" in text
+    assert "all runs reported" in text
     # 4 runs of 30 s each
     assert "training 2.0 min (4 runs, 30 s each" in text
     assert all((tmp_path / name).stat().st_size > 0 for name in results["plots"])
+    # a run left out is named, and the one-seed method gets no verdict
+    del results["runs"]["clip_v"][1]
+    results["summary"] = summarise({m: dict(v) for m, v in results["runs"].items()}, evals, window=2, k=8)
+    text = summary_markdown(results)
+    assert "**3 of 4 runs finished and reported** (`--reuse-only`; missing: clip_v-s1)" in text
+    assert "one seed: no verdict" in text
+
+
+def test_evaluation_cache_is_read_back_only_for_the_same_settings(tmp_path: Path) -> None:
+    import json
+    from types import SimpleNamespace
+
+    from experiments.entropy_dynamics.pipeline_runs import evaluate_models
+
+    cfg = SimpleNamespace(task=SimpleNamespace(eval_path="h.parquet"))
+    model = tmp_path / "final_model"
+    file = tmp_path / "eval.json"
+    settings = {"k": 8, "questions": 4, "temperature": 0.7, "seed": 0, "eval_path": "h.parquet", "model": str(model)}
+    file.write_text(json.dumps({"settings": settings, "score": {"avg_at_k": 0.25}}))
+    assert evaluate_models({"m": model}, cfg, 8, 4, 0.7, 0, {"m": file}) == {"m": {"avg_at_k": 0.25}}
+    # another K is another evaluation: it is attempted (and fails here: no model on disk)
+    with pytest.raises(Exception):
+        evaluate_models({"m": model}, cfg, 4, 4, 0.7, 0, {"m": file})
