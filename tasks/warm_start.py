@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.synthetic import DEFAULT_RARE_FRAC, SFT_TARGET, load_rows, write_dataset
+from tasks.synthetic import DEFAULT_RARE_FRAC, LONG_TAIL_MAX_POSITIONS, SFT_TARGET, load_rows, write_dataset
 
 WARM_START_JSON = "warm_start.json"
 
@@ -262,6 +262,8 @@ def ensure_tiny_setup(
         variant: Synthetic task variant (:data:`tasks.synthetic.VARIANTS`). For ``multi_answer`` the
             warm start teaches each train row's ``sft_target`` (mostly the reversal, the copy on a
             ``rare_frac`` share), not the ``answer`` cell that lists every valid answer.
+            ``long_tail`` teaches the answer column and builds the tiny model with
+            :data:`tasks.synthetic.LONG_TAIL_MAX_POSITIONS` positions.
         rare_frac: multi_answer: share of train rows whose warm-start target is the copy.
 
     Raises:
@@ -281,7 +283,9 @@ def ensure_tiny_setup(
     if not (init_dir / "config.json").is_file():
         tmp = init_dir.with_name(f".{init_dir.name}.tmp.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        make_tiny_model(tmp, seed=seed)
+        # long_tail answers run to 288 tokens: positions beyond the default 256 (vLLM checks them)
+        positions = LONG_TAIL_MAX_POSITIONS if variant == "long_tail" else None
+        make_tiny_model(tmp, seed=seed, max_position_embeddings=positions)
         _replace_dir(tmp, init_dir)
     settings = settings or WarmStartSettings(seed=seed)
     if record is not None and record.get("settings") != _settings_record(settings):
@@ -292,5 +296,5 @@ def ensure_tiny_setup(
             f"({record.get('settings')}); this run asks for {_settings_record(settings)}. Point "
             f"model.path at another directory for it, e.g. model.path={model_dir.parent}-seed{seed}/warm"
         )
-    sft_key = answer_key if variant == "reversal" else SFT_TARGET
+    sft_key = SFT_TARGET if variant == "multi_answer" else answer_key
     return warm_start(init_dir, model_dir, train_path, heldout_path, settings, prompt_key, sft_key, progress)
