@@ -279,7 +279,10 @@ def score(results: list[dict[str, Any]], eval_rows: list[dict[str, Any]], cfg: A
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     budget = answer_token_budget(tokenizer, eval_rows, cfg.task.answer_key)
-    kw = {"prompt_key": cfg.task.prompt_key, "answer_key": cfg.task.answer_key}
+    # batches of similar answer lengths: generate stops when a batch's last row ends, so short
+    # answers do not wait for a long one (same rows for both systems and every snapshot)
+    eval_rows = sorted(eval_rows, key=lambda r: len(r[cfg.task.answer_key]))
+    kw = {"prompt_key": cfg.task.prompt_key, "answer_key": cfg.task.answer_key, "batch_size": 64}
     for result in results:
         for snap in result["snapshots"]:
             snap["accuracy"] = evaluate_accuracy(snap["path"], None, eval_rows, budget, **kw)
