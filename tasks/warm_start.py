@@ -51,6 +51,26 @@ class WarmStartSettings:
     sequence_mean: bool = False
 
 
+def sequence_mean_loss(logits: Any, labels: Any) -> Any:
+    """Next-token NLL averaged over each sequence's labelled tokens, then over the batch.
+
+    Args:
+        logits: ``[B, T, V]`` float, position t predicting token t + 1.
+        labels: ``[B, T]`` long, -100 where nothing is scored (the HF convention, unshifted).
+
+    Returns:
+        A scalar; a row without labelled tokens contributes 0.
+    """
+    import torch
+
+    shifted = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100, reduction="none"
+    )  # [B, T-1]
+    counted = (shifted != -100).sum(dim=1).clamp(min=1)
+    return (nll.sum(dim=1) / counted).mean()
+
+
 def encode_sft_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], prompt_key: str, answer_key: str) -> dict:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` for teacher forcing.
 
@@ -115,12 +135,7 @@ def supervised_finetune(
         batch = {k: v[:, :width] for k, v in batch.items()}
         if settings.sequence_mean:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none"
-            )  # [B, T-1]
-            counted = (labels != -100).sum(dim=1).clamp(min=1)
-            loss = (nll.sum(dim=1) / counted).mean()
+            loss = sequence_mean_loss(logits, batch["labels"])
         else:
             loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)

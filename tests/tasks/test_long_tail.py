@@ -157,3 +157,29 @@ def test_setup_builds_long_tail_data_and_a_model_with_its_positions(tmp_path: Pa
     for d in ("init", "warm"):
         config = json.loads((tmp_path / "model" / d / "config.json").read_text())
         assert config["max_position_embeddings"] == LONG_TAIL_MAX_POSITIONS
+
+
+def test_sequence_mean_loss_matches_a_float64_per_row_reference() -> None:
+    import torch
+
+    from tasks.warm_start import WarmStartSettings, _settings_record, sequence_mean_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=gen)
+    labels = torch.randint(0, 11, (3, 7), generator=gen)
+    labels[0, :5] = -100  # 1 scored token
+    labels[1, :1] = -100  # 6 scored tokens
+    labels[2, :] = -100  # none
+    expected = []
+    for row in range(3):
+        logp = torch.log_softmax(logits[row].double(), dim=-1)
+        terms = [-logp[t, labels[row, t + 1]] for t in range(6) if labels[row, t + 1] != -100]
+        expected.append(sum(terms) / len(terms) if terms else torch.tensor(0.0, dtype=torch.float64))
+    reference = torch.stack([torch.as_tensor(e) for e in expected]).mean()
+    assert torch.allclose(sequence_mean_loss(logits, labels).double(), reference, atol=1e-6)
+    # a short sequence weighs as much as a long one, unlike the token mean
+    token_mean = torch.nn.functional.cross_entropy(logits[:2, :-1].reshape(-1, 11), labels[:2, 1:].reshape(-1))
+    assert not torch.allclose(sequence_mean_loss(logits[:2], labels[:2]), token_mean)
+    # off by default and then absent from the cache key, so earlier warm starts still match
+    assert "sequence_mean" not in _settings_record(WarmStartSettings())
+    assert _settings_record(WarmStartSettings(sequence_mean=True))["sequence_mean"] is True
