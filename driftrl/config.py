@@ -86,10 +86,11 @@ class TaskConfig(StrictModel):
     eval_path: str = Field("runs/tiny-data/heldout.parquet", description="Held-out prompts.")
     prompt_key: str = Field("prompt", description="Column holding the prompt text.")
     answer_key: str = Field("answer", description="Column holding the reference answer.")
-    variant: Literal["reversal", "multi_answer"] = Field(
+    variant: Literal["reversal", "multi_answer", "long_tail"] = Field(
         "reversal",
         description="Synthetic task only: reversal (one answer) or multi_answer (reversal or copy both right; "
-        "the warm start teaches the copy on rare_frac of rows), see tasks/synthetic.py.",
+        "the warm start teaches the copy on rare_frac of rows) or long_tail ('ab*3=' -> 'ababab', answer "
+        "lengths log-uniform in 2..288 tokens; needs rollout.max_tokens >= 289), see tasks/synthetic.py.",
     )
     rare_frac: float = Field(
         0.15, ge=0, lt=1, description="multi_answer: share of train rows whose warm-start target is the copy."

@@ -21,6 +21,20 @@ entropy up should keep the copy alive and Pass@K higher. Held-out rows' ``sft_ta
 ``answer`` (all valid answers), so a warm start's accuracy counts any of them. Palindromes (one
 answer, twice) are never drawn in this variant.
 
+Variant ``long_tail``: a repeat rule whose answer length varies per prompt over a heavy-tailed
+range. A prompt is a short base string, ``*``, a count and ``=`` (``"ab*3="``); the answer is the
+base repeated that many times (``"ababab"``), one token per letter. The answer length ``L`` is
+drawn log-uniformly in ``[min_answer, max_answer]`` (:class:`LongTailSpec`, default 2..288:
+median ~24 tokens, ~28 % at most 8, ~2.4 % at least 256), the base length uniformly in 1..3 and
+the count is ``L`` over the base length. Why it exposes a synchronous loop: such a loop generates a
+batch, waits for its longest response, then trains; with 8 prompts a batch, ~80 % of batches hold
+an answer of >= 128 tokens, so nearly every step pays for ~the longest response while most
+responses ended after a few tokens (and the padded training batch is as wide as the longest).
+Continuous batching refills the finished sequences' slots at once and async training overlaps the
+learner with generation, so their time follows the mean length, not the per-batch maximum. The
+``difficulty`` column is the answer length; the reward is the same exact match (answers are plain
+strings).
+
 Light on purpose: no torch or transformers at import, so rollout actors and the reward registry
 can import :func:`normalise_response` and :func:`is_correct` cheaply.
 """
@@ -28,6 +42,7 @@ can import :func:`normalise_response` and :func:`is_correct` cheaply.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import string
@@ -39,7 +54,8 @@ SEPARATOR = "="
 # joins the valid answers of one prompt (multi_answer); never a letter of any answer
 ANSWER_SEPARATOR = "|"
 COLUMNS: tuple[str, ...] = ("prompt_id", "prompt", "answer", "difficulty")
-VARIANTS: tuple[str, ...] = ("reversal", "multi_answer")
+VARIANTS: tuple[str, ...] = ("reversal", "multi_answer", "long_tail")
+REPEAT = "*"
 SFT_TARGET = "sft_target"
 DEFAULT_RARE_FRAC = 0.15
 DEFAULT_TRAIN_ROWS = 20_000
@@ -90,6 +106,108 @@ class ReversalSpec:
     def capacity(self) -> int:
         """Number of distinct strings the spec can produce."""
         return sum(self.alphabet_size**n for n in range(self.min_len, self.max_len + 1))
+
+
+@dataclass(frozen=True)
+class LongTailSpec:
+    """Which prompts the ``long_tail`` variant draws (see the module doc).
+
+    Attributes:
+        min_answer: Shortest answer, in letters (>= 1); the log-uniform draw's lower end.
+        max_answer: Longest answer, in letters (>= min_answer); no answer exceeds it.
+        max_base: Longest base string, in letters (1..9); base lengths are uniform in 1..max_base.
+        alphabet_size: How many of ``a..z`` the base letters come from (2..26).
+    """
+
+    min_answer: int = 2
+    max_answer: int = 288
+    max_base: int = 3
+    alphabet_size: int = 26
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TaskSpecError(f"{name} must be an integer, got {value!r}")
+        if not 1 <= self.min_answer <= self.max_answer:
+            raise TaskSpecError(
+                f"need 1 <= min_answer <= max_answer, got {self.min_answer}, {self.max_answer}"
+            )
+        if not 1 <= self.max_base <= 9:
+            raise TaskSpecError(f"max_base must be in 1..9, got {self.max_base}")
+        if not 2 <= self.alphabet_size <= 26:
+            raise TaskSpecError(f"alphabet_size must be in 2..26, got {self.alphabet_size}")
+
+    @property
+    def letters(self) -> str:
+        """The letters base strings are drawn from."""
+        return string.ascii_lowercase[: self.alphabet_size]
+
+    @property
+    def max_answer_chars(self) -> int:
+        """Longest correct answer; a response needs at most this + 1 tokens (EOS)."""
+        return self.max_answer
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """Longest prompt: base, ``*``, the count's digits, ``=``."""
+        return self.max_base + 1 + len(str(self.max_answer)) + 1
+
+
+# Positions the tiny model needs for long_tail: BOS + the longest prompt (9) + max_tokens 290
+# (configs/tiny-longtail-cpu.yaml) = 300, rounded up; vLLM refuses a max_model_len above it.
+LONG_TAIL_MAX_POSITIONS = 320
+
+
+def make_repeat_prompt(base: str, count: int) -> str:
+    """The long_tail prompt: ``("ab", 3)`` -> ``"ab*3="``."""
+    return f"{base}{REPEAT}{count}{SEPARATOR}"
+
+
+def repeat_answer(base: str, count: int) -> str:
+    """The long_tail answer: ``base`` repeated ``count`` times."""
+    return base * count
+
+
+def _draw_repeats(
+    rng: random.Random, spec: LongTailSpec, n: int, exclude: set[tuple[str, int]], distinct: bool
+) -> list[tuple[str, int]]:
+    """``n`` ``(base, count)`` pairs not in ``exclude``, answer lengths log-uniform.
+
+    ``distinct``: no pair twice. The held-out split is drawn so; the train split is not, because
+    the shortest lengths hold only a few hundred pairs and refusing repeats there would push the
+    train lengths off the log-uniform shape (median 40 instead of 24 for 20k rows).
+    """
+    drawn: list[tuple[str, int]] = []
+    seen: set[tuple[str, int]] = set()
+    log_lo, log_hi = math.log(spec.min_answer), math.log(spec.max_answer + 1)
+    misses = 0
+    while len(drawn) < n:
+        # floor of a log-uniform real on [min, max + 1): every integer length in range is reachable
+        length = min(spec.max_answer, int(math.exp(rng.uniform(log_lo, log_hi))))
+        base_len = rng.randint(1, min(spec.max_base, length))
+        count = max(1, min(spec.max_answer // base_len, round(length / base_len)))
+        base = "".join(rng.choice(spec.letters) for _ in range(base_len))
+        if (base, count) in exclude or (distinct and (base, count) in seen):
+            misses += 1
+            # the short lengths hold few pairs: a spec too small for n must fail, not spin
+            if misses > 100 * n + 10_000:
+                raise TaskSpecError(f"{spec} cannot produce {n} new distinct prompts")
+            continue
+        seen.add((base, count))
+        drawn.append((base, count))
+    return drawn
+
+
+def _repeat_rows(split: str, pairs: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "prompt_id": f"{split}-{i:06d}",
+            "prompt": make_repeat_prompt(b, k),
+            "answer": repeat_answer(b, k),
+            "difficulty": len(b) * k,
+        }
+        for i, (b, k) in enumerate(pairs)
+    ]
 
 
 def make_prompt(text: str) -> str:
@@ -192,8 +310,8 @@ def make_rows(
     seed: int,
     n_train: int,
     n_heldout: int,
-    train_spec: ReversalSpec,
-    heldout_spec: ReversalSpec,
+    train_spec: ReversalSpec | LongTailSpec,
+    heldout_spec: ReversalSpec | LongTailSpec,
     variant: str = "reversal",
     rare_frac: float = DEFAULT_RARE_FRAC,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -207,6 +325,12 @@ def make_rows(
     _check_row_counts(n_train, n_heldout, least=0)
     _check_variant(variant, rare_frac)
     rng = random.Random(seed)
+    if variant == "long_tail":
+        if not (isinstance(train_spec, LongTailSpec) and isinstance(heldout_spec, LongTailSpec)):
+            raise TaskSpecError("variant long_tail takes LongTailSpec train and held-out specs")
+        held = _draw_repeats(rng, heldout_spec, n_heldout, exclude=set(), distinct=True)
+        train_pairs = _draw_repeats(rng, train_spec, n_train, exclude=set(held), distinct=False)
+        return _repeat_rows("train", train_pairs), _repeat_rows("heldout", held)
     multi = variant == "multi_answer"
     heldout = _draw_strings(rng, heldout_spec, n_heldout, exclude=set(), palindromes=not multi)
     train = _draw_strings(rng, train_spec, n_train, exclude=set(heldout), palindromes=not multi)
@@ -224,8 +348,8 @@ def make_dataset(
     seed: int = 0,
     n_train: int = DEFAULT_TRAIN_ROWS,
     n_heldout: int = DEFAULT_HELDOUT_ROWS,
-    train_spec: ReversalSpec | None = None,
-    heldout_spec: ReversalSpec | None = None,
+    train_spec: ReversalSpec | LongTailSpec | None = None,
+    heldout_spec: ReversalSpec | LongTailSpec | None = None,
     variant: str = "reversal",
     rare_frac: float = DEFAULT_RARE_FRAC,
 ) -> tuple[Path, Path]:
@@ -250,16 +374,16 @@ def write_dataset(
     seed: int = 0,
     n_train: int = DEFAULT_TRAIN_ROWS,
     n_heldout: int = DEFAULT_HELDOUT_ROWS,
-    train_spec: ReversalSpec | None = None,
-    heldout_spec: ReversalSpec | None = None,
+    train_spec: ReversalSpec | LongTailSpec | None = None,
+    heldout_spec: ReversalSpec | LongTailSpec | None = None,
     variant: str = "reversal",
     rare_frac: float = DEFAULT_RARE_FRAC,
 ) -> tuple[Path, Path]:
     """Write the two splits with ``datasets``, deterministic for a seed; returns their paths.
 
     Columns: ``prompt_id`` (str), ``prompt`` (str), ``answer`` (str), ``difficulty`` (int, the
-    string length). ``heldout_spec`` defaults to ``train_spec``, which defaults to
-    :class:`ReversalSpec`. ``variant`` (:data:`VARIANTS`) and ``rare_frac`` (multi_answer only):
+    string length; long_tail: the answer length). ``heldout_spec`` defaults to ``train_spec``,
+    which defaults to :class:`ReversalSpec` (long_tail: :class:`LongTailSpec`). ``variant`` (:data:`VARIANTS`) and ``rare_frac`` (multi_answer only):
     see the module doc. Each file is written to a temporary name and renamed, so a reader never
     sees a half-written split; a ``<name>.spec.json`` beside it records seed and spec.
     """
@@ -267,7 +391,7 @@ def write_dataset(
 
     # parquet of no rows has no columns either, so an empty split would fail only when a run reads it
     _check_row_counts(n_train, n_heldout, least=1)
-    train_spec = train_spec or ReversalSpec()
+    train_spec = train_spec or (LongTailSpec() if variant == "long_tail" else ReversalSpec())
     heldout_spec = heldout_spec or train_spec
     train_rows, heldout_rows = make_rows(seed, n_train, n_heldout, train_spec, heldout_spec, variant, rare_frac)
     written = []

@@ -57,12 +57,14 @@ def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     )
 
 
-def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+def make_tiny_model(out_dir: str | Path, seed: int = 0, max_position_embeddings: int | None = None) -> Path:
     """Write a Hugging Face model directory (fp32 safetensors + tokenizer) to ``out_dir``.
 
     The model is a Qwen2 causal LM of about 1.2 M parameters; both
     ``transformers.AutoModelForCausalLM`` and vLLM load it. Deterministic for a seed: weights are
     drawn from a private ``torch.Generator`` so global RNG state is neither used nor changed.
+    ``max_position_embeddings`` (default ``TINY_ARCH``'s 256) only bounds the sequence length vLLM
+    accepts (RoPE has no weights), so the same seed gives the same weights whatever it is.
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -70,6 +72,9 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
+    arch = dict(TINY_ARCH)
+    if max_position_embeddings is not None:
+        arch["max_position_embeddings"] = max_position_embeddings
     config = Qwen2Config(
         vocab_size=VOCAB_SIZE,
         bos_token_id=tokenizer.bos_token_id,
@@ -78,7 +83,7 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         tie_word_embeddings=False,
         rope_theta=10000.0,
         torch_dtype="float32",
-        **TINY_ARCH,
+        **arch,
     )
     with torch.device("cpu"):
         model = Qwen2ForCausalLM(config)
@@ -96,5 +101,5 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / "driftrl_tiny.json").write_text(json.dumps({"seed": seed, "arch": TINY_ARCH}, indent=1) + "\n")
+    (out / "driftrl_tiny.json").write_text(json.dumps({"seed": seed, "arch": arch}, indent=1) + "\n")
     return out
