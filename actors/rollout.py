@@ -595,6 +595,8 @@ class RolloutWorker:
         reward = self.scorer.stats
         return {
             "actor_id": self.actor_id,
+            # a new process id tells the driver Ray restarted this actor, even between calls
+            "pid": os.getpid(),
             "weight_version": self._version,
             "learner_version": self._learner_version,
             "accepted_groups": self._accepted_groups,

@@ -242,6 +242,8 @@ class Driver:
         self.rows_acked = 0
         self.rollout_restarts = 0
         self.restarts_by_actor: dict[int, int] = {}
+        self.actor_pids: dict[int, int] = {}  # the process id each rollout actor last reported
+        self.restart_counted: set[int] = set()  # restarts counted that no new process id has shown yet
         self.unavailable_since: dict[int, float] = {}
         self.retry_at: dict[int, float] = {}
         self.sync_failures = 0
@@ -506,6 +508,7 @@ class Driver:
                         except RayActorError:
                             continue  # the generate_step ref reports the death
                         self.rollout_stats[index] = stats
+                        self._check_incarnation(index, stats.get("pid"))
                         self.telemetry.record_rollout(stats["actor_id"], stats)
                         if stats.get("broken"):
                             self._restart_broken(index, stats["broken"])
@@ -821,8 +824,26 @@ class Driver:
                 index, f"generate_step raised {type(cause).__name__}" + (f": {text[0]}" if text else "")
             )
 
+    def _check_incarnation(self, index: int, pid: int | None) -> None:
+        """Count a restart the driver did not see: an actor killed while no call of the driver was in
+        flight comes back (Ray restarts it) without any call failing; its stats then carry a new pid."""
+        known = self.actor_pids.get(index)
+        if pid is None:
+            return
+        self.actor_pids[index] = pid
+        if known is None or pid == known:
+            return
+        if index in self.restart_counted:
+            self.restart_counted.discard(index)  # the restart a failed call already counted
+            return
+        log.warning("rollout actor %d was restarted between calls (process %d -> %d)", index, known, pid)
+        self.telemetry.count("rollout_actor_deaths_total")
+        self._count_restart(index, f"restarted between calls (process {known} -> {pid})")
+        self.restart_counted.discard(index)
+
     def _count_restart(self, index: int, reason: str) -> None:
         """Count one restart of actor ``index``; past ``rollout.max_restarts`` the run stops."""
+        self.restart_counted.add(index)
         self.rollout_restarts += 1
         self.restarts_by_actor[index] = self.restarts_by_actor.get(index, 0) + 1
         if self.restarts_by_actor[index] > self.cfg.rollout.max_restarts:
