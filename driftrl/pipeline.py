@@ -163,23 +163,22 @@ UPDATES_FILE = "updates.parquet"
 
 
 class StartupClock:
-    """Where a run's start-up time goes: named phases in the order they end, seconds each.
-
-    The first entry is the process's life before the driver (interpreter, imports, config); the
-    time to the first trained step is the sum of all entries.
+    """Where a run's start-up time goes: named phases in the order they end, seconds each, from the
+    driver's start (``to_first_step`` is their sum). ``before_driver`` is the process's life before
+    it (interpreter, imports, config: meaningful for ``driftrl run``/``train``, not for a long-lived
+    process that calls :func:`train`), reported apart.
     """
 
     def __init__(self, t0: float) -> None:
         self.last = t0
         self.phases: dict[str, float] = {}
+        self.before_driver: float | None = None
         try:
             import psutil
 
             before = time.time() - psutil.Process().create_time()
-            self.phases["process start to driver (imports, config)"] = round(
-                max(before - (time.monotonic() - t0), 0.0), 3
-            )
-        except Exception:  # noqa: BLE001 - a platform without process times just lacks the entry
+            self.before_driver = round(max(before - (time.monotonic() - t0), 0.0), 3)
+        except Exception:  # noqa: BLE001 - a platform without process times just lacks the figure
             pass
 
     def lap(self, name: str) -> None:
@@ -959,6 +958,7 @@ class Driver:
                 "weight_sync_failures": self.sync_failures,
                 "final_model": str(self.run.final_model),
                 "seconds_to_first_step": round(self.startup.to_first_step(), 2),
+                "process_seconds_before_driver": self.startup.before_driver,
                 "startup_seconds": self.startup.phases,
             },
         )
