@@ -198,6 +198,11 @@ def test_chaos_buffer_rollout_and_learner_sigkilled_twice_each_no_row_lost_or_tr
                         # a restarting rollout actor catches up from weights the learner process owns:
                         # killing the learner meanwhile kills that restart too (two faults at once)
                         wait_until_back(handles["rollout"])
+                        # this hook runs inside the driver's loop, which cannot poll the actor's stats
+                        # while it blocks here: hand the driver the poll it would make next, so a
+                        # restart no failed call revealed is counted (from the new process id)
+                        stats = ray.get(handles["rollout"].stats.remote(), timeout=300)
+                        driver._check_incarnation(0, stats.get("pid"))
                     try:
                         pid = ray.get(handles[kind].pid.remote(), timeout=300)
                     except RayActorError:  # restarting after an earlier kill: at the next step
