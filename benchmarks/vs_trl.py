@@ -342,8 +342,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     from driftrl.config import load_config
+    from driftrl.pipeline import ensure_tiny_default
     from tasks.synthetic import load_rows
-    from tasks.warm_start import ensure_tiny_setup
 
     with tempfile.TemporaryDirectory(prefix="driftrl-vs-trl-") as tmp:
         out = args.out or Path(tmp)
@@ -353,21 +353,7 @@ def main(argv: list[str] | None = None) -> None:
 
             args.override = quick_inputs(out) + args.override
         cfg = load_config(args.config, args.override)
-        # ensure_tiny_default's call, plus the task variant (it builds the data and the model's
-        # positions), so a long_tail config gets long_tail data and a 320-position model
-        ensure_tiny_setup(
-            train_path=cfg.task.train_path,
-            eval_path=cfg.task.eval_path,
-            model_path=cfg.model.path,
-            seed=cfg.run.seed,
-            synthetic=cfg.task.type == "synthetic",
-            build_tiny=cfg.model.tiny,
-            prompt_key=cfg.task.prompt_key,
-            answer_key=cfg.task.answer_key,
-            progress=True,
-            variant=cfg.task.variant,
-            rare_frac=cfg.task.rare_frac,
-        )
+        ensure_tiny_default(cfg, progress=True)  # data, tiny model and warm start of cfg's task variant
         trl = _child("trl", args.config, args.override, args.steps, args.interval, out)
         ours = _child("driftrl", args.config, args.override, args.steps, args.interval, out)
         rows = load_rows(cfg.task.eval_path)

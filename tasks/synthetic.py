@@ -66,6 +66,14 @@ class TaskSpecError(ValueError):
     """A difficulty knob or split size is out of range; the message names it and the allowed range."""
 
 
+def _check_integers(spec: Any) -> None:
+    """Every field of a task spec is an int: bool is an int, and a float length would only fail
+    later, inside random.randint."""
+    for name, value in asdict(spec).items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TaskSpecError(f"{name} must be an integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ReversalSpec:
     """Which strings a split holds.
@@ -82,10 +90,7 @@ class ReversalSpec:
     alphabet_size: int = 26
 
     def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            # bool is an int; a float length would only fail later, inside random.randint
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TaskSpecError(f"{name} must be an integer, got {value!r}")
+        _check_integers(self)
         if not 1 <= self.min_len <= self.max_len:
             raise TaskSpecError(
                 f"need 1 <= min_len <= max_len, got min_len={self.min_len}, max_len={self.max_len}"
@@ -125,9 +130,7 @@ class LongTailSpec:
     alphabet_size: int = 26
 
     def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TaskSpecError(f"{name} must be an integer, got {value!r}")
+        _check_integers(self)
         if not 1 <= self.min_answer <= self.max_answer:
             raise TaskSpecError(
                 f"need 1 <= min_answer <= max_answer, got {self.min_answer}, {self.max_answer}"
