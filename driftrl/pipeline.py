@@ -45,6 +45,8 @@ GENERATE_WAIT_S = 1.0
 STATS_EVERY_S = 2.0
 # longest a restarting rollout actor may stay away (a vLLM engine starts in well under a minute)
 RESTART_DEADLINE_S = 600.0
+# how long a rollout failure waits for the learner ranks to answer a ping before it is blamed on the actor
+LEARNER_PING_S = 2.0
 
 
 class PipelineError(RuntimeError):
@@ -849,6 +851,7 @@ class Driver:
         now = time.monotonic()
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if not isinstance(err, ActorUnavailableError):
+            self._raise_if_learner_died()
             raise PipelineError(
                 f"rollout actor {index} is dead and Ray will not restart it "
                 f"(rollout.max_restarts={self.cfg.rollout.max_restarts}): {first_line}. "
@@ -866,10 +869,39 @@ class Driver:
             ) from err
         self.retry_at[index] = now + 1.0
 
+    def _raise_if_learner_died(self) -> None:
+        """Name a dead learner rank as the cause of a rollout failure it brought about.
+
+        The weights a rollout actor loads (or catches up from when restarted) live in the learner
+        ranks' processes: a learner killed meanwhile makes the actor's weight sync fail and its
+        restarted constructor raise, and Ray then gives the actor up. Blaming the actor would hide
+        the one instruction that helps, ``--resume``. A live rank busy with a step does not answer
+        within the short wait and counts as alive; a dead one answers at once with its death.
+        """
+        import ray
+        from ray.exceptions import RayActorError
+
+        if self.learners is None:  # not launched yet: nothing of theirs can have failed a rollout actor
+            return
+        pings = [actor.pid.remote() for actor in self.learners.actors]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=LEARNER_PING_S)
+        for rank, ref in enumerate(pings):
+            if ref not in ready:
+                continue
+            try:
+                ray.get(ref, timeout=0)
+            except RayActorError as err:
+                raise PipelineError(
+                    f"learner rank {rank} died after step {self.step} (the rollout actors' weights live in "
+                    f"its process, so their weight sync failed too); the run can go on from its last "
+                    f"checkpoint: driftrl train --resume {self.run.root}"
+                ) from err
+
     def _restart_broken(self, index: int, reason: str) -> None:
         """Kill a rollout actor whose engine may hold mixed weights so Ray starts it afresh."""
         import ray
 
+        self._raise_if_learner_died()
         log.error("rollout actor %d: %s; restarting it", index, reason)
         self.telemetry.count("rollout_actor_restarts_total")
         self._count_restart(index, reason)

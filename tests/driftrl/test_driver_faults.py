@@ -46,6 +46,9 @@ class SleepyProcess:
         time.sleep(self.sleep_s)
         return {}
 
+    def pid(self) -> int:
+        return os.getpid()
+
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -115,6 +118,39 @@ def test_a_hung_learner_rank_ends_the_run_naming_rank_and_step_within_the_deadli
     assert time.monotonic() - started < 1.0
     for rank in ranks:
         ray.kill(rank, no_restart=True)
+
+
+class BrokenSyncActor:
+    """A rollout actor whose weight sync failed because the learner process owning the weights died."""
+
+    def generate_step(self) -> int:
+        raise RuntimeError("weight sync to version 8 failed at bucket 1/1: OwnerDiedError")
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def test_a_rollout_failure_while_a_learner_rank_is_dead_names_the_learner_and_resume(local_ray, tmp_path):
+    driver = make_driver(tmp_path, "rollout.max_restarts=2")
+    # rank 1 is busy with a step longer than the driver's ping wait: alive, not answering
+    ranks = [ray.remote(SleepyProcess).options(num_cpus=0, max_restarts=0).remote(s) for s in (0.0, 30.0)]
+    ranks[1].call.remote("train_step")
+    driver.learners = LearnerGroup(actors=ranks, placement_group=None)
+    actor = ray.remote(BrokenSyncActor).options(max_restarts=2, num_cpus=0).remote()
+    driver.actors = [actor]
+    driver.step = 7
+    pid = ray.get(actor.pid.remote())
+    # every rank alive: the failure is the actor's own, a counted restart
+    driver._generate_done(0, actor.generate_step.remote())
+    assert driver.rollout_restarts == 1
+    # rank 0 dies: the next rollout failure is its consequence, named as such with the resume instruction
+    ray.kill(ranks[0], no_restart=True)
+    pid_after_restart(actor, pid)
+    with pytest.raises(PipelineError, match=r"learner rank 0 died after step 7 .*driftrl train --resume"):
+        driver._generate_done(0, actor.generate_step.remote())
+    assert driver.rollout_restarts == 1  # not counted against the actor
+    for handle in (actor, ranks[1]):
+        ray.kill(handle, no_restart=True)
 
 
 def test_a_hung_buffer_call_ends_the_run_within_the_rpc_deadline(local_ray, tmp_path):
