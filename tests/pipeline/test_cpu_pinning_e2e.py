@@ -12,7 +12,7 @@ import ray
 
 from driftrl.pipeline import train
 from learner.cpu_pinning import process_cores
-from tests.pipeline.conftest import tiny_config
+from tests.pipeline.conftest import THREE_SMALL_STEPS, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -21,15 +21,7 @@ CORES = sorted(os.sched_getaffinity(0))
 
 @pytest.mark.skipif(len(CORES) < 2, reason="pinning needs a core for the learner and one for the rest")
 def test_the_learner_owns_its_core_and_the_rest_of_the_run_shares_the_others(tiny_inputs, tmp_path):
-    cfg = tiny_config(
-        tiny_inputs,
-        tmp_path / "runs",
-        "learner.total_steps=3",
-        "learner.checkpoint_interval=3",
-        "learner.groups_per_step=2",
-        "rollout.group_size=4",
-        "metrics.probe_prompts=4",
-    )
+    cfg = tiny_config(tiny_inputs, tmp_path / "runs", *THREE_SMALL_STEPS)
     assert cfg.run.pin_learner_cpus  # the tiny default pins
     seen: dict[str, dict[int, list[int]]] = {}
 
