@@ -1040,6 +1040,11 @@ class Driver:
     def close(self) -> None:
         import ray
 
+        if self.affinity_before is not None:
+            from learner.cpu_pinning import pin_process
+
+            pin_process(self.affinity_before)  # first: nothing below can keep the caller's threads pinned
+            self.affinity_before = None
         if ray.is_initialized():
             for actor in self.actors:
                 ray.kill(actor, no_restart=True)
@@ -1055,11 +1060,6 @@ class Driver:
         for step_logger in self.step_loggers:
             step_logger.close()
         self.step_loggers = []
-        if self.affinity_before is not None:
-            from learner.cpu_pinning import pin_process
-
-            pin_process(self.affinity_before)  # the caller's threads get their cores back
-            self.affinity_before = None
 
 
 def train(
