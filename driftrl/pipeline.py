@@ -258,6 +258,7 @@ class Driver:
         self.startup = StartupClock(self.t0)
         self.rollout_stats: dict[int, dict[str, Any]] = {}
         self.buffer_stats: dict[str, Any] = {}
+        self.affinity_before: list[int] | None = None  # the driver's cores before run.pin_learner_cpus
 
     # ---- setup --------------------------------------------------------------------------------
 
@@ -295,6 +296,7 @@ class Driver:
         self.server = MetricsServer(self.telemetry, cfg.metrics.host, cfg.metrics.port).start()
         log.info("metrics at %s/metrics", self.server.url)
         self.startup.lap("config, data check and metrics server")
+        learner_cpus = self._pin_for_learner()
         self.started_ray = _init_ray(cfg)
         self.startup.lap("ray init")
         uri = cfg.buffer.uri or str(self.run.buffer)
@@ -326,7 +328,7 @@ class Driver:
             # default the two start-ups overlap instead of adding up. A resumed run starts its actors
             # only once the board holds the checkpoint's weights.
             launch_actors()
-        self.learners = launch_learners(cfg.learner, cfg.model.path, seed=cfg.run.seed)
+        self.learners = launch_learners(cfg.learner, cfg.model.path, seed=cfg.run.seed, cpus=learner_cpus)
         self.startup.lap("learner ranks (placement, model load, DeepSpeed init)")
         self.probe_ids, self.probe_mask = _probe_batch(cfg)
 
@@ -362,6 +364,32 @@ class Driver:
             self.startup.lap("entropy probe")
         if self.resume:
             launch_actors()
+
+    def _pin_for_learner(self) -> list[int] | None:
+        """``run.pin_learner_cpus``: this process (and the local Ray it starts next) onto the cores the
+        learner ranks leave; returns the learner's cores (None: not pinned). learner/cpu_pinning.py."""
+        import ray
+
+        from learner.cpu_pinning import cores_per_rank, pin_process, split_cores
+
+        cfg = self.cfg
+        local = not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+        if not cfg.run.pin_learner_cpus or not local or not hasattr(os, "sched_setaffinity"):
+            return None
+        cores = sorted(os.sched_getaffinity(0))
+        try:
+            rest, learner = split_cores(
+                cores, cfg.learner.data_parallel_size * cores_per_rank(cfg.learner.num_cpus)
+            )
+        except ValueError as err:
+            log.warning("not pinned: %s", err)
+            return None
+        self.affinity_before = cores
+        pin_process(rest)
+        log.info(
+            "learner ranks pinned to cores %s, the driver, Ray and the rollout actors to %s", learner, rest
+        )
+        return learner
 
     def _probe(self) -> float:
         return float(self._learner_call("probe_entropy", self.probe_ids, self.probe_mask)[0])
@@ -1012,6 +1040,11 @@ class Driver:
     def close(self) -> None:
         import ray
 
+        if self.affinity_before is not None:
+            from learner.cpu_pinning import pin_process
+
+            pin_process(self.affinity_before)  # first: nothing below can keep the caller's threads pinned
+            self.affinity_before = None
         if ray.is_initialized():
             for actor in self.actors:
                 ray.kill(actor, no_restart=True)

@@ -21,6 +21,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.config import LearnerConfig
+from learner.cpu_pinning import cores_per_rank, pin_process, process_cores, rank_cores
 
 
 def _free_port(host: str) -> int:
@@ -79,13 +80,19 @@ class LearnerActor:
         world_size: int,
         seed: int = 0,
         deepspeed_overrides: Mapping[str, Any] | None = None,
+        cpus: list[int] | None = None,
     ) -> None:
         self.args = (cfg, model_path, rank, world_size, seed, deepspeed_overrides)
+        self.cpus = cpus
         self.learner = None
 
     def pid(self) -> int:
         """This rank's process id (fault tests kill it; operators attach profilers)."""
         return os.getpid()
+
+    def cores(self) -> dict[int, list[int]]:
+        """Each thread's CPU affinity in this rank's process (``run.pin_learner_cpus`` checks)."""
+        return process_cores()
 
     def rendezvous_address(self) -> tuple[str, int]:
         """``(node IP, free port)`` of this actor's node; asked of rank 0 only.
@@ -101,6 +108,9 @@ class LearnerActor:
         from learner.engine import Learner
 
         cfg, model_path, rank, world_size, seed, overrides = self.args
+        if self.cpus:
+            # before the engine exists: the threads gloo, DeepSpeed and torch start inherit the cores
+            pin_process(self.cpus)
         gpu_ids = ray.get_gpu_ids()
         os.environ.update(
             RANK=str(rank),
@@ -145,6 +155,7 @@ def launch_learners(
     deepspeed_overrides: Mapping[str, Any] | None = None,
     placement_strategy: str = "PACK",
     ready_timeout_s: float = 600.0,
+    cpus: list[int] | None = None,
 ) -> LearnerGroup:
     """Start ``cfg.data_parallel_size`` learner ranks, one Ray actor each, ready to train.
 
@@ -156,6 +167,8 @@ def launch_learners(
         placement_strategy: Ray placement strategy of the bundles; on GPU clusters use
             ``STRICT_PACK`` per node (DESIGN.md) or ``PACK``.
         ready_timeout_s: deadline for the placement group and the engines to come up.
+        cpus: local cores for the ranks to pin themselves to, ``ceil(cfg.num_cpus)`` each in rank order
+            (``run.pin_learner_cpus``, :mod:`learner.cpu_pinning`); None leaves affinity alone.
 
     Raises:
         TimeoutError: the placement group could not be reserved in time (names the bundles).
@@ -178,7 +191,15 @@ def launch_learners(
             num_gpus=cfg.num_gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
             runtime_env={"env_vars": env},
-        ).remote(cfg, model_path, rank, world_size, seed, deepspeed_overrides)
+        ).remote(
+            cfg,
+            model_path,
+            rank,
+            world_size,
+            seed,
+            deepspeed_overrides,
+            None if cpus is None else rank_cores(cpus, rank, cores_per_rank(cfg.num_cpus)),
+        )
         for rank in range(world_size)
     ]
     launched = LearnerGroup(actors=actors, placement_group=group)

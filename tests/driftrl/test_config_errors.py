@@ -80,7 +80,7 @@ def test_every_unknown_key_gets_its_own_line(tmp_path: Path) -> None:
     assert sorted(lines[1:]) == [
         "  learner.clip.mu: Input should be greater than 0 (got 0)",
         "  metrics.prot: unknown key; allowed: host, loggers, port, probe_prompts, wandb_project",
-        "  run.nmae: unknown key; allowed: mode, name, ray_address, ray_num_cpus, root_dir, rpc_timeout_s, seed",
+        "  run.nmae: unknown key; allowed: mode, name, pin_learner_cpus, ray_address, ray_num_cpus, root_dir, rpc_timeout_s, seed",
     ]
 
 

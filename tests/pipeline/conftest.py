@@ -40,3 +40,13 @@ def tiny_config(tiny_inputs: dict[str, Path], root: Path, *overrides: str) -> Dr
             *overrides,
         ],
     )
+
+
+# the smallest run in which every process is up by step 2 (Ray, buffer, learner, vLLM engine)
+THREE_SMALL_STEPS = (
+    "learner.total_steps=3",
+    "learner.checkpoint_interval=3",
+    "learner.groups_per_step=2",
+    "rollout.group_size=4",
+    "metrics.probe_prompts=4",
+)

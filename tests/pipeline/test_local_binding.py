@@ -8,7 +8,7 @@ import psutil
 import pytest
 
 from driftrl.pipeline import train
-from tests.pipeline.conftest import tiny_config
+from tests.pipeline.conftest import THREE_SMALL_STEPS, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -39,15 +39,7 @@ def is_loopback(address: str) -> bool:
 
 
 def test_nothing_of_a_local_run_listens_beyond_loopback(tiny_inputs, tmp_path):
-    cfg = tiny_config(
-        tiny_inputs,
-        tmp_path / "runs",
-        "learner.total_steps=3",
-        "learner.checkpoint_interval=3",
-        "learner.groups_per_step=2",
-        "rollout.group_size=4",
-        "metrics.probe_prompts=4",
-    )
+    cfg = tiny_config(tiny_inputs, tmp_path / "runs", *THREE_SMALL_STEPS)
     # listeners this test process already had (a gloo store or server left by an earlier test in the
     # same session) are not the run's: only sockets opened during the run are judged
     before = set(listening_sockets())
