@@ -17,11 +17,15 @@ because a bucket is sent as soon as the learner's ZeRO-3 gathers fill it, before
 exist on rank 0; the worker loads each bucket through vLLM's layer-wise reload.
 
 Joining: an engine rank writes ``join/<rank> = <generation>`` to the store (a fresh generation per
-process) and builds its side of the group under the prefix ``pair/<rank>/<generation>/``; rank 0
-builds its side when it sees a new generation, in :meth:`CollectiveWeightPublisher.publish` or in
-its watcher thread, which also streams the newest published version to a peer that joined after
-it (a restarted actor catching up from the weight board). Rank 0 sends a version to a peer at most
-once per link, and a receiver ignores versions it already has, so the two stay in step.
+process, so a restarted actor's pair has its own prefix ``pair/<rank>/<generation>/`` and never
+meets the keys its dead predecessor left) and builds its side of the group there. Rank 0's watcher
+thread sees each new generation once (a generation is never rendezvoused with twice: retrying a
+dead peer's key would wait out a whole deadline for a process that is gone) and hands it to a
+catch-up thread, which builds rank 0's side and streams the newest staged version to it *outside*
+the publish lock, then links it under the lock, or streams again if a newer version was staged
+meanwhile. :meth:`CollectiveWeightPublisher.publish` streams only to linked peers and waits for no
+rendezvous. Rank 0 sends a version to a peer at most once per link, and a receiver ignores
+versions older than the one it waits for, so the two stay in step.
 
 Deadlines: every collective op waits at most what is left of ``timeout_s`` (store connects, group
 creation, each broadcast). A peer that dies or stops receiving costs rank 0 at most one deadline:
@@ -190,14 +194,33 @@ class _Link:
     served_version: int = 0
 
 
+@dataclass
+class _Staged:
+    """The newest published version, packed, for late joiners; ``readers``: catch-up streams reading it.
+
+    Immutable once staged: the next publication packs into buffers no reader holds.
+    """
+
+    version: int
+    messages: list[list[Any]]
+    pool: list[Any]
+    readers: int = 0
+
+
 class CollectiveWeightPublisher(WeightPublisher):
     """Learner rank 0: serves the rendezvous store and streams buckets to every linked engine rank.
+
+    Threads: :meth:`publish` (the learner's) streams to the linked peers under ``_lock``; the join
+    watcher builds a late joiner's pair group and a catch-up thread per joiner streams it the staged
+    version **outside** the lock (the healthy peers' next publication never waits for a joiner),
+    then links it under the lock if nothing newer was staged meanwhile, else streams that too.
+    A generation is tried once: a dead peer's join key is never rendezvoused with again.
 
     Args:
         bucket_bytes: tensor bytes per bucket.
         host: address the engine ranks reach this process at (the store and gloo bind there only).
         peers: engine rank (1, 2, ...) -> the rollout actor that owns it (for messages).
-        timeout_s: the sync deadline; also bounds a late joiner's catch-up stream.
+        timeout_s: the sync deadline; also bounds a late joiner's rendezvous and each catch-up stream.
         port: store port (0: a free one).
     """
 
@@ -228,13 +251,15 @@ class CollectiveWeightPublisher(WeightPublisher):
             master_listen_fd=listener.detach(),
         )
         self._links: dict[int, _Link] = {}
-        self._staged: tuple[int, list[list[Any]], int] | None = None  # version, messages, tensors
-        self._payloads: list[Any] = []  # packed bucket buffers, reused by the next version
+        self._tried: dict[int, str] = {}  # engine rank -> newest generation a rendezvous was tried with
+        self._staged: _Staged | None = None
+        self._spare_pools: list[list[Any]] = []  # packed-bucket buffers no one reads, reused
         self._cpu = torch.device("cpu")
         self.failures: dict[str, str] = {}  # actor id -> why its link was dropped (latest)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._closed = threading.Event()
         self._joins_seen = 0
+        self._catch_ups: list[threading.Thread] = []
         self._watcher = threading.Thread(target=self._watch_joins, name="weight-join-watcher", daemon=True)
         self._watcher.start()
 
@@ -254,25 +279,41 @@ class CollectiveWeightPublisher(WeightPublisher):
         with self._lock:
             return {rank: link.served_version for rank, link in self._links.items()}
 
+    def _free_pool(self) -> list[Any]:
+        """Buffers for the next version's packed buckets: the staged version's when no catch-up reads
+        them (it is replaced by the new one), else a spare pool or a fresh one (caller holds the lock)."""
+        staged = self._staged
+        if staged is not None and staged.readers == 0:
+            self._staged = None
+            return staged.pool
+        return self._spare_pools.pop() if self._spare_pools else []
+
+    def _retire(self, staged: _Staged | None) -> None:
+        """``staged`` is no longer the newest: its buffers become spare once its readers finished."""
+        if staged is not None and staged.readers == 0 and staged is not self._staged:
+            self._spare_pools.append(staged.pool)
+            del self._spare_pools[:-2]  # at most two spare model copies kept
+
     def publish(self, version: int, named_tensors: Iterable[tuple[str, Any]]) -> WeightManifest:
         """Stream ``version`` to every linked peer while ``named_tensors`` is still being produced.
 
         Never raises for a peer: a peer that fails is dropped and named in ``failed_peers`` (it
         re-joins when its actor restarts). Stages the packed buckets on the CPU for late joiners.
+        Waits for no rendezvous: late joiners are linked by the watcher.
         """
         deadline = time.monotonic() + self.timeout_s
         with self._lock:
             failed: list[str] = []
-            self._link_new_joins(deadline, failed)
             targets = [link for link in self._links.values() if link.served_version < version]
+            previous = self._staged
+            pool = self._free_pool()
             messages: list[list[Any]] = []
             specs = []
             tensors = 0
             try:
                 for index, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
-                    # the previous version's staged buffers are reused: only this stream reads them now
                     nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
-                    cpu = reusable_buffer(self._payloads, index, nbytes, self._cpu)
+                    cpu = reusable_buffer(pool, index, nbytes, self._cpu)
                     message = pack_bucket(version, bucket, cpu)
                     messages.append(message)
                     specs.append(spec_of(bucket, None))
@@ -280,16 +321,21 @@ class CollectiveWeightPublisher(WeightPublisher):
                     targets = self._send(targets, message, deadline, failed)
             except BaseException as err:
                 # the learner failed mid-stream: closing the peers' links ends their receive now,
-                # not at the deadline, and they re-join; nothing stays staged (its buffers were rewritten)
+                # not at the deadline, and they re-join; the previous staged version stays staged
+                # unless its buffers were just rewritten
                 for link in targets:
                     self._drop(link, err, failed)
-                self._staged = None
+                if previous is not None and previous.pool is not pool:
+                    self._staged = previous
+                self._spare_pools.append(pool)
                 raise
             messages.append([_header(version, END, 0, 0, tensors)])
             targets = self._send(targets, messages[-1], deadline, failed)
             for link in targets:
                 link.served_version = version
-            self._staged = (version, messages, tensors)
+            self._staged = _Staged(version, messages, pool)
+            if previous is not None and previous.pool is not pool:
+                self._retire(previous)
         manifest = WeightManifest(
             version=version,
             transport="collective",
@@ -333,61 +379,83 @@ class CollectiveWeightPublisher(WeightPublisher):
         log.warning(message)
         self.failures[link.actor_id] = message
         failed.append(link.actor_id)
-        if self._links.get(link.peer_rank) is link:
-            del self._links[link.peer_rank]
+        with self._lock:  # re-entrant: publish holds it already, a catch-up thread does not
+            if self._links.get(link.peer_rank) is link:
+                del self._links[link.peer_rank]
 
-    def _link_new_joins(self, deadline: float, failed: list[str]) -> list[_Link]:
-        """Build rank 0's side of every pair whose peer announced a new generation (caller holds the lock)."""
+    def _new_generations(self) -> list[tuple[int, str, str]]:
+        """``(engine rank, actor id, generation)`` of every join not tried yet (watcher thread only)."""
         fresh = []
         for peer_rank, actor_id in self.peers.items():
             key = f"join/{peer_rank}"
             if not self._store.check([key]):
                 continue
             generation = self._store.get(key).decode()
-            link = self._links.get(peer_rank)
-            if link is not None and link.generation == generation:
-                continue
-            self._links.pop(peer_rank, None)
-            try:
-                group = pair_group(
-                    self._store,
-                    f"pair/{peer_rank}/{generation}/",
-                    0,
-                    self.address,
-                    max(deadline - time.monotonic(), 0.001),
-                    self.device,
-                )
-            except Exception as err:
-                self._drop(_Link(peer_rank, actor_id, generation, None), err, failed)
-                continue
-            link = _Link(peer_rank, actor_id, generation, group)
-            self._links[peer_rank] = link
-            fresh.append(link)
+            with self._lock:
+                if self._tried.get(peer_rank) == generation:
+                    continue  # linked, being caught up, or failed: a dead peer's key is never retried
+                self._tried[peer_rank] = generation
+            fresh.append((peer_rank, actor_id, generation))
         return fresh
 
     def _watch_joins(self) -> None:
-        """Link late joiners and send them the newest staged version (a restarted actor's catch-up)."""
+        """Start a catch-up thread for each new join (a restarted actor catching up from the weight board)."""
         while not self._closed.wait(JOIN_POLL_S):
             try:
                 joins = int(self._store.add("joins", 0))
                 if joins == self._joins_seen:
                     continue
-                with self._lock:
-                    self._joins_seen = joins
-                    failed: list[str] = []
-                    deadline = time.monotonic() + self.timeout_s
-                    fresh = self._link_new_joins(deadline, failed)
-                    if self._staged is not None and fresh:
-                        version, messages, _ = self._staged
-                        targets = [link for link in fresh if link.served_version < version]
-                        for message in messages:
-                            targets = self._send(targets, message, deadline, failed)
-                        for link in targets:
-                            link.served_version = version
+                self._joins_seen = joins
+                for peer_rank, actor_id, generation in self._new_generations():
+                    thread = threading.Thread(
+                        target=self._catch_up,
+                        args=(peer_rank, actor_id, generation),
+                        name=f"weight-catch-up-{peer_rank}",
+                        daemon=True,
+                    )
+                    self._catch_ups = [t for t in self._catch_ups if t.is_alive()] + [thread]
+                    thread.start()
             except Exception:  # the watcher must outlive any one peer's failure
                 if self._closed.is_set():
                     return
                 log.exception("collective weight publisher: join watcher")
+
+    def _catch_up(self, peer_rank: int, actor_id: str, generation: str) -> None:
+        """Rendezvous with a new generation, stream it the staged version(s) outside the lock, link it.
+
+        Each stage (the rendezvous, each catch-up stream) has its own ``timeout_s`` deadline; a
+        failure drops the peer, named, until its actor joins again.
+        """
+        failed: list[str] = []
+        link = _Link(peer_rank, actor_id, generation, None)
+        try:
+            link.group = pair_group(
+                self._store, f"pair/{peer_rank}/{generation}/", 0, self.address, self.timeout_s, self.device
+            )
+        except Exception as err:
+            self._drop(link, err, failed)
+            return
+        while not self._closed.is_set():
+            with self._lock:
+                staged = self._staged
+                if self._tried.get(peer_rank) != generation:
+                    return  # a newer incarnation joined meanwhile
+                if staged is None or staged.version <= link.served_version:
+                    self._links[peer_rank] = link  # publish streams to it from now on
+                    return
+                staged.readers += 1
+            try:
+                deadline = time.monotonic() + self.timeout_s
+                targets = [link]
+                for message in staged.messages:
+                    targets = self._send(targets, message, deadline, failed)
+                    if not targets:
+                        return  # dropped and named by _send
+                link.served_version = staged.version
+            finally:
+                with self._lock:
+                    staged.readers -= 1
+                    self._retire(staged)
 
     def close(self) -> None:
         self._closed.set()
