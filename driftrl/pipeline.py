@@ -765,9 +765,16 @@ class Driver:
         from ray.exceptions import RayActorError
 
         timeout = max(0.0, sync.deadline - time.monotonic()) if wait else 0
-        done, pending = ray.wait(list(sync.refs), num_returns=len(sync.refs), timeout=timeout)
+        # an actor Ray is restarting answers only once its constructor (engine start-up and its own
+        # catch-up from the board, which holds this version) is done: not waited for, so a sync (and,
+        # in sync mode, the run) never stalls behind a restart, nor kills it for being slow to start
+        restarting = [ref for ref, index in sync.refs.items() if index in self.unavailable_since]
+        awaited = [ref for ref in sync.refs if ref not in restarting]
+        done, pending = ray.wait(awaited, num_returns=len(awaited), timeout=timeout) if awaited else ([], [])
         if pending and not wait:
             return False
+        if restarting:
+            done += ray.wait(restarting, num_returns=len(restarting), timeout=0)[0]
         # a failed publication is the learner's error, not the actors'
         published = self._learner_get(
             sync.publish, f"publish_weights of version {sync.version}", sync.started

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 import pytest
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 from safetensors.torch import load
 
 from driftrl.pipeline import Driver, train
@@ -56,6 +57,8 @@ def test_collective_transport_two_actors_two_ranks_sigkill(tiny_inputs, tmp_path
                 [self.learners.actors[0].call.remote("state_dict_for_sync")], "state_dict_for_sync"
             )[0]
             for index, actor in enumerate(self.actors):
+                if index in self.unavailable_since:
+                    continue  # Ray is restarting it: its calls wait for its constructor
                 try:
                     if self._get(actor.stats.remote(), "stats")["weight_version"] != sync.version:
                         continue  # restarting, or caught up later: compared at a later sync
@@ -76,6 +79,20 @@ def test_collective_transport_two_actors_two_ranks_sigkill(tiny_inputs, tmp_path
             seen["pid"] = ray.get(driver.actors[1].pid.remote(), timeout=60)
             seen["version"] = driver.version
             os.kill(seen["pid"], signal.SIGKILL)
+            # the remaining steps take seconds, a vLLM start-up tens of seconds: hold the driver here
+            # until Ray has the actor back (its constructor joined a fresh pair group and caught up
+            # from the board), so the later syncs reach it; the driver itself never waits for it
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                try:
+                    pid = ray.get(driver.actors[1].pid.remote(), timeout=30)
+                except (RayActorError, GetTimeoutError):
+                    time.sleep(1.0)
+                    continue
+                if pid != seen["pid"]:
+                    seen["restarted_after_s"] = 240 - (deadline - time.monotonic())
+                    break
+            assert "restarted_after_s" in seen, "rollout actor 1 did not come back within 240 s"
 
     result = train(cfg, progress=False, on_step=on_step)
     assert result.steps == 20 and result.policy_version == 20

@@ -160,3 +160,73 @@ def test_a_silent_or_dead_learner_is_an_error_naming_the_actor_within_the_deadli
         if learner.is_alive():
             learner.kill()
         learner.join(10)
+
+
+def late_peer_main(endpoint: tuple[str, int], rank: int, min_version: int, delay_s: float, out: Any) -> None:
+    """A restarted engine rank: joins, stays silent ``delay_s`` (its engine still starting), then receives."""
+    peer = CollectivePeer(endpoint, rank)
+    peer.join(30)
+    out.put(("joined", os.getpid()))
+    time.sleep(delay_s)
+    got: dict[str, torch.Tensor] = {}
+    version, tensors = peer.receive(
+        min_version, 30, load=lambda ws: got.update({n: w.clone() for n, w in ws}), begin=lambda: None, finish=lambda: None
+    )
+    out.put((version, tensors, [], got))
+
+
+def test_a_dead_or_slow_joiner_never_stalls_publication_to_a_healthy_peer() -> None:
+    """The e2e failure: rank 0 re-tried the dead peer's old rendezvous and held the publish lock through
+    a joiner's catch-up, so the healthy peer waited a whole deadline per sync."""
+    publisher = CollectiveWeightPublisher(1024, "127.0.0.1", {1: "rollout-0", 2: "rollout-1"}, timeout_s=15)
+    healthy_out, late_out = SPAWN.Queue(), SPAWN.Queue()
+    try:
+        healthy = SPAWN.Process(
+            target=peer_main, args=(publisher.endpoint, 1, [1, 2, 3, 4, 5], healthy_out), daemon=True
+        )
+        doomed = SPAWN.Process(target=peer_main, args=(publisher.endpoint, 2, [1, 2], late_out), daemon=True)
+        healthy.start()
+        doomed.start()
+        expect(healthy_out, "joined")
+        doomed_pid = expect(late_out, "joined")
+        deadline = time.monotonic() + 20
+        while publisher.linked_peers() != {1: 0, 2: 0}:
+            assert time.monotonic() < deadline, "the join watcher never linked both peers"
+            time.sleep(0.05)
+        publisher.publish(1, iter(weights(1)))
+        assert expect(healthy_out, "stream")[0] == 1 and expect(late_out, "stream")[0] == 1
+
+        os.kill(doomed_pid, signal.SIGKILL)
+        doomed.join(10)
+        for version in (2, 3):  # 2 finds the peer dead; 3 must not rendezvous with its old key again
+            started = time.monotonic()
+            manifest = publisher.publish(version, iter(weights(version)))
+            assert time.monotonic() - started < 5, (version, manifest.failed_peers)
+            assert expect(healthy_out, "stream")[0] == version
+        assert publisher.linked_peers() == {1: 3}
+
+        # its restart joins but receives only 12 s later (engine start-up): rank 0's catch-up waits
+        # for it outside the lock, so versions 4 and 5 reach the healthy peer at once meanwhile
+        late = SPAWN.Process(target=late_peer_main, args=(publisher.endpoint, 2, 5, 12.0, late_out), daemon=True)
+        late.start()
+        expect(late_out, "joined")
+        time.sleep(1.0)  # the watcher has started the catch-up of version 3
+        for version in (4, 5):
+            started = time.monotonic()
+            publisher.publish(version, iter(weights(version)))
+            assert time.monotonic() - started < 5
+            got_version, _, _, got = expect(healthy_out, "stream")
+            assert got_version == version and torch.equal(got["a.weight"], weights(version)[0][1])
+        # the joiner gets 3 (staged when it joined), then 5 (staged meanwhile), exact
+        got_version, tensors, _, got = expect(late_out, "stream", timeout_s=40)
+        assert (got_version, tensors) == (5, 5)
+        for name, tensor in weights(5):
+            assert torch.equal(got[name], tensor), name
+        deadline = time.monotonic() + 10
+        while publisher.linked_peers() != {1: 5, 2: 5}:
+            assert time.monotonic() < deadline, publisher.linked_peers()
+            time.sleep(0.05)
+        late.join(10)
+        healthy.join(10)
+    finally:
+        publisher.close()
