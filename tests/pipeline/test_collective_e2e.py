@@ -95,6 +95,7 @@ def test_collective_transport_two_actors_two_ranks_sigkill(tiny_inputs, tmp_path
             assert "restarted_after_s" in seen, "rollout actor 1 did not come back within 240 s"
 
     result = train(cfg, progress=False, on_step=on_step)
+    print(f"rollout actor 1 back {seen['restarted_after_s']:.0f} s after its SIGKILL; compared {compared}")
     assert result.steps == 20 and result.policy_version == 20
     assert result.rollout_restarts >= 1
     # actor 0 never died: every one of the 20 versions was checked on it
