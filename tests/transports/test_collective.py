@@ -170,7 +170,11 @@ def late_peer_main(endpoint: tuple[str, int], rank: int, min_version: int, delay
     time.sleep(delay_s)
     got: dict[str, torch.Tensor] = {}
     version, tensors = peer.receive(
-        min_version, 30, load=lambda ws: got.update({n: w.clone() for n, w in ws}), begin=lambda: None, finish=lambda: None
+        min_version,
+        30,
+        load=lambda ws: got.update({n: w.clone() for n, w in ws}),
+        begin=lambda: None,
+        finish=lambda: None,
     )
     out.put((version, tensors, [], got))
 
@@ -207,7 +211,9 @@ def test_a_dead_or_slow_joiner_never_stalls_publication_to_a_healthy_peer() -> N
 
         # its restart joins but receives only 12 s later (engine start-up): rank 0's catch-up waits
         # for it outside the lock, so versions 4 and 5 reach the healthy peer at once meanwhile
-        late = SPAWN.Process(target=late_peer_main, args=(publisher.endpoint, 2, 5, 12.0, late_out), daemon=True)
+        late = SPAWN.Process(
+            target=late_peer_main, args=(publisher.endpoint, 2, 5, 12.0, late_out), daemon=True
+        )
         late.start()
         expect(late_out, "joined")
         time.sleep(1.0)  # the watcher has started the catch-up of version 3
