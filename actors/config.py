@@ -7,6 +7,9 @@ from typing import Literal
 from pydantic import Field
 
 from settings.base import StrictModel
+from transports.config import WeightSyncConfig
+
+__all__ = ["RewardConfig", "RolloutConfig", "WeightSyncConfig"]
 
 
 class RewardConfig(StrictModel):
@@ -28,21 +31,6 @@ class RewardConfig(StrictModel):
         description="Seconds one batch of responses may spend in the reward function: once spent, the rest "
         "of the batch scores 0 and is counted (reward_over_budget), so pathological responses cannot stall "
         "an actor for timeout_s each. None = no budget.",
-    )
-
-
-class WeightSyncConfig(StrictModel):
-    """How weights travel from the learner to the rollout engines."""
-
-    transport: Literal["ray_bytes", "nccl"] = Field(
-        "ray_bytes", description="Bytes through the Ray object store (CPU, any network) or NCCL (GPUs)."
-    )
-    bucket_bytes: int = Field(64 << 20, ge=1 << 10, description="Size of one safetensors bucket.")
-    timeout_s: float = Field(120.0, gt=0, description="Deadline of one sync; expiry is a clear error.")
-    in_flight: Literal["finish_old", "abort_resubmit"] = Field(
-        "finish_old",
-        description="Requests running at a sync: finish on the old weights (tagged by version spans) "
-        "or abort and resubmit on the new ones.",
     )
 
 

@@ -44,11 +44,12 @@ from actors.admission import AdmissionRule
 from actors.config import RolloutConfig
 from actors.prompts import PromptItem, PromptSource, PromptSpec
 from actors.rewards import RewardScorer
-from actors.weight_sync import WeightManifest, WeightSyncError, make_receiver
 from buffers.replay import BUFFER_FULL, PushResult
 from buffers.schema import records_to_table
 from buffers.validation import DUPLICATE_GROUP_ID, DUPLICATE_TRAJ_ID, REJECT_REASONS
 from tasks.data_files import ROW_REJECT_REASONS
+from transports.base import WeightManifest, WeightSyncError
+from transports.factory import make_receiver
 
 WORKER_EXTENSION = "actors.vllm_extension.WeightLoaderExtension"
 # skip reasons besides those of tasks.data_files.ROW_REJECT_REASONS (rollout stats, Prometheus labels)
@@ -89,10 +90,10 @@ class RolloutWorker:
         model_path: Hugging Face model directory (or hub name) of the initial policy.
         prompts: this actor's prompt shard (its cursor is committed after each push).
         sink: where tables go: anything with ``push(table)`` (plain buffer or Ray actor handle).
-        actor_index: index among the rollout actors (engine seed offset, NCCL rank, ids).
+        actor_index: index among the rollout actors (engine seed offset, collective engine rank, ids).
         admission: capacity rule; None generates without limit.
         weight_source: anything with ``latest() -> WeightManifest | None`` (a
-            :class:`actors.weight_sync.WeightBoard` or its Ray handle); asked once at start so a
+            :class:`transports.base.WeightBoard` or its Ray handle); asked once at start so a
             (re)started actor catches up before it generates.
         initial_version: policy version of the weights in ``model_path``.
     """
@@ -166,6 +167,10 @@ class RolloutWorker:
             latest = call_endpoint(weight_source, "latest", timeout_s=cfg.weight_sync.timeout_s)
             if latest is not None and latest.version > self._version:
                 self.update_weights(latest)
+            elif latest is not None:
+                # a push transport's announcement: join its group now, so the first sync streams at once
+                timeout_s = cfg.weight_sync.timeout_s
+                self._run(self._receiver.attach(self._rpc, latest, timeout_s), timeout_s=timeout_s + 60.0)
 
     # -- engine plumbing ---------------------------------------------------------------------------
 
@@ -291,12 +296,14 @@ class RolloutWorker:
                 raise WeightSyncError(
                     f"{self.actor_id}: vLLM refused to reset the prefix cache after loading"
                 )
-            await engine.update_weight_version(str(manifest.version))
+            # a push transport may deliver a newer version than asked for (a late joiner's catch-up)
+            loaded = max(manifest.version, self._receiver.loaded_version or manifest.version)
+            await engine.update_weight_version(str(loaded))
         except BaseException as err:
             self._broken = f"weight sync to version {manifest.version} failed: {err}"
             raise
-        self._version = manifest.version
-        self._learner_version = max(self._learner_version, manifest.version)
+        self._version = loaded
+        self._learner_version = max(self._learner_version, loaded)
         await engine.resume_generation()
         self._resumed.set()
 
@@ -567,6 +574,12 @@ class RolloutWorker:
         self._push_retry_at = time.monotonic() + self._push_backoff_s
 
     # -- reporting and shutdown --------------------------------------------------------------------
+
+    def engine_weights(self) -> bytes:
+        """The weights the engine computes with (TP rank 0), HF-named safetensors bytes: tests compare
+        them with the learner's after a sync (small models only, see ``driftrl_export_weights``)."""
+        self._check_usable()
+        return self._run(self._rpc("driftrl_export_weights", (), self.cfg.weight_sync.timeout_s), None)[0]
 
     def cursor(self) -> dict[str, Any]:
         """The prompt cursor as committed (what a restart resumes from)."""

@@ -5,7 +5,7 @@ the worker that owns ``self.model_runner``; the engine calls these methods throu
 ``collective_rpc(method, args=...)`` on every tensor-parallel rank at once, between engine steps
 (the rollout worker pauses the scheduler first).
 
-Bytes transport (:class:`actors.weight_sync.BytesWeightReceiver`): ``driftrl_begin_sync(specs)``,
+Bytes transport (:class:`transports.ray_bytes.BytesWeightReceiver`): ``driftrl_begin_sync(specs)``,
 one ``driftrl_load_shared(region, bucket)`` per bucket, then ``driftrl_finish_sync()``. Tensor
 bytes never travel through the RPC: on CPU the worker is a process two hops away from the rollout
 actor (actor -> engine core -> worker, each hop msgpack/pickle plus a socket copy, measured at
@@ -33,13 +33,13 @@ Between begin and finish the model is partly updated, so the engine must be paus
 that fails midway leaves it unusable: the rollout worker then refuses to generate (the driver
 restarts the actor, which loads the newest weights from scratch).
 
-NCCL transport: ``driftrl_begin_reload`` / ``driftrl_init_nccl`` / ``driftrl_receive_nccl_bucket`` /
-``driftrl_finish_reload``, through a process group of its own (``StatelessProcessGroup`` +
-``PyNcclCommunicator``) between the learner's rank 0 and every engine rank, so it never touches
-vLLM's own tensor-parallel groups. CUDA only; untested here.
+Collective transport (:mod:`transports.collective`): ``driftrl_collective_join`` once, then one
+``driftrl_collective_receive`` per sync, which receives the buckets learner rank 0 streams through a
+process group of this worker's own (NCCL on CUDA, gloo on CPU), never vLLM's tensor-parallel groups,
+and loads each through the layer-wise reload (the specs arrive with the buckets).
 
-Kept free of driftrl imports beyond the standard library and torch: this module is imported inside
-vLLM's worker processes.
+Imports only the standard library, torch and :mod:`transports` (no vLLM-free driftrl wiring):
+this module is imported inside vLLM's worker processes.
 """
 
 from __future__ import annotations
@@ -480,7 +480,7 @@ class WeightLoaderExtension:
                     exported[f"{module_name}.{attr}"] = value.contiguous()
         return save(exported)
 
-    # -- NCCL transport and the layer-wise reload it uses ------------------------------------------
+    # -- collective transport and the layer-wise reload it uses ------------------------------------
 
     def driftrl_begin_reload(self) -> None:
         """Put every layer in layer-wise reload mode (checkpoint-format parameters, deferred processing)."""
@@ -494,38 +494,37 @@ class WeightLoaderExtension:
 
         finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
 
-    def driftrl_init_nccl(
-        self, master_address: str, master_port: int, rank_offset: int, world_size: int
-    ) -> int:
-        """Join the weight-broadcast group as rank ``rank_offset + tp_rank``; learner rank 0 sends."""
-        if not torch.cuda.is_available():
-            raise RuntimeError("the nccl weight transport needs CUDA GPUs in the vLLM worker; use ray_bytes")
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
+    def _driftrl_peer(self, endpoint: list[Any], rank_offset: int) -> Any:
+        """This worker's end of the collective transport (one per store endpoint, kept across syncs)."""
+        from transports.collective import CollectivePeer
 
-        group = StatelessProcessGroup.create(
-            host=master_address, port=master_port, rank=rank_offset + self.rank, world_size=world_size
-        )
-        self._driftrl_nccl = PyNcclCommunicator(group, device=self.device)
-        return rank_offset + self.rank
+        peer = getattr(self, "_driftrl_collective", None)
+        if peer is None or list(peer.endpoint) != [str(endpoint[0]), int(endpoint[1])]:
+            peer = self._driftrl_collective = CollectivePeer(
+                (endpoint[0], endpoint[1]), rank_offset + self.rank
+            )
+        return peer
 
-    def driftrl_receive_nccl_bucket(self, specs: list[list[Any]], total_bytes: int) -> int:
-        """Receive one flat bucket broadcast from rank 0 and load it.
+    def driftrl_collective_join(self, endpoint: list[Any], rank_offset: int, timeout_s: float) -> int:
+        """Join learner rank 0's pair group as engine rank ``rank_offset + tp_rank``; returns that rank."""
+        peer = self._driftrl_peer(endpoint, rank_offset)
+        if not peer.joined:
+            peer.join(timeout_s)
+        return peer.peer_rank
 
-        Args:
-            specs: ``[name, dtype_name, shape, byte_offset]`` per tensor, in bucket order.
-            total_bytes: size of the flat uint8 buffer the sender broadcasts.
+    def driftrl_collective_receive(
+        self, endpoint: list[Any], rank_offset: int, min_version: int, timeout_s: float
+    ) -> list[int]:
+        """Receive streamed buckets until version ``min_version`` or newer is loaded (layer-wise reload).
+
+        Returns ``[version loaded, tensors loaded]``.
         """
-        comm = getattr(self, "_driftrl_nccl", None)
-        if comm is None:
-            raise RuntimeError("driftrl_init_nccl was not called on this worker before a bucket arrived")
-        flat = torch.empty(total_bytes, dtype=torch.uint8, device=self.device)
-        comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
-        torch.cuda.current_stream().synchronize()
-        weights = []
-        for name, dtype_name, shape, offset in specs:
-            dtype = DTYPES_BY_NAME[dtype_name]
-            nbytes = tensor_nbytes(dtype, tuple(shape))
-            weights.append((name, flat[offset : offset + nbytes].view(dtype).view(shape)))
-        self.model_runner.get_model().load_weights(weights=weights)
-        return len(weights)
+        model = self.model_runner.get_model()
+        version, tensors = self._driftrl_peer(endpoint, rank_offset).receive(
+            min_version,
+            timeout_s,
+            load=lambda weights: model.load_weights(weights=weights),
+            begin=self.driftrl_begin_reload,
+            finish=self.driftrl_finish_reload,
+        )
+        return [version, tensors]

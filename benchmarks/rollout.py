@@ -163,7 +163,7 @@ def time_syncs(
     between: Callable[[], object],
 ) -> list[dict]:
     """``count`` publish + update_weights rounds; per round the seconds and the phases."""
-    from actors.weight_sync import BytesWeightPublisher
+    from transports.ray_bytes import BytesWeightPublisher
 
     publisher = BytesWeightPublisher(worker.cfg.weight_sync.bucket_bytes)
     rounds = []

@@ -234,6 +234,7 @@ class Driver:
         self.buffer: Any = None
         self.board: Any = None
         self.board_posted: Any = None  # ref of the last board.post
+        self.announcement: Any = None  # a push transport's manifest template (transports.base)
         self.learners: Any = None
         self.actors: list[Any] = []
         self.step = 0
@@ -267,17 +268,12 @@ class Driver:
         from actors.admission import AdmissionRule
         from actors.prompts import PromptSpec, load_prompt_dataset
         from actors.rollout import launch_rollout_actors
-        from actors.weight_sync import launch_weight_board
         from buffers.actor import launch_buffer_actor
         from driftrl.metrics import MetricsServer
         from learner.actor import launch_learners
+        from transports.base import launch_weight_board
 
         cfg = self.cfg
-        if cfg.rollout.weight_sync.transport != "ray_bytes":
-            raise ConfigError(
-                "rollout.weight_sync.transport: the driver wires only 'ray_bytes' so far; the NCCL "
-                "transport is available to custom drivers through actors.weight_sync"
-            )
         spec = PromptSpec(
             path=cfg.task.train_path,
             prompt_key=cfg.task.prompt_key,
@@ -323,13 +319,27 @@ class Driver:
                 weight_board=self.board,
             )
 
-        if not self.resume:
-            # vLLM's engine starts in its actor while the learner builds DeepSpeed: on the tiny
-            # default the two start-ups overlap instead of adding up. A resumed run starts its actors
-            # only once the board holds the checkpoint's weights.
+        # vLLM's engine starts in its actor while the learner builds DeepSpeed: on the tiny default
+        # the two start-ups overlap instead of adding up. Not for a resumed run (its actors start
+        # once the board holds the checkpoint's weights) nor for a push transport (actors join its
+        # groups from the announcement learner rank 0 posts once it is up).
+        early_actors = not self.resume and cfg.rollout.weight_sync.transport == "ray_bytes"
+        if early_actors:
             launch_actors()
         self.learners = launch_learners(cfg.learner, cfg.model.path, seed=cfg.run.seed, cpus=learner_cpus)
-        self.startup.lap("learner ranks (placement, model load, DeepSpeed init)")
+        # both ends from one config (transports/factory.py): the publisher lives on learner rank 0
+        self.announcement = self._learner_get(
+            [
+                self.learners.actors[0].open_weight_publisher.remote(
+                    cfg.rollout.weight_sync, cfg.rollout.num_actors, cfg.rollout.tensor_parallel_size
+                )
+            ],
+            "open_weight_publisher",
+        )[0]
+        if self.announcement is not None:
+            # a push transport: actors join its groups at start, before any version is published
+            self._get(self.board.post.remote(self.announcement), "the weight board's post")
+        self.startup.lap("learner ranks (placement, model load, DeepSpeed init, weight publisher)")
         self.probe_ids, self.probe_mask = _probe_batch(cfg)
 
         if self.resume:
@@ -357,12 +367,14 @@ class Driver:
             )
             if self.version > 0:
                 # actors start from cfg.model.path: the board hands them the checkpoint's weights
-                self._learner_get(self._publish(self.version), f"publish_weights of version {self.version}")
+                self._learner_get(
+                    self._publish(self.version)[0], f"publish_weights of version {self.version}"
+                )
                 self._get(self.board_posted, "the weight board's post")
         if self.last_probe is None:
             self.last_probe = self._probe()
             self.startup.lap("entropy probe")
-        if self.resume:
+        if not early_actors:
             launch_actors()
 
     def _pin_for_learner(self) -> list[int] | None:
@@ -394,19 +406,19 @@ class Driver:
     def _probe(self) -> float:
         return float(self._learner_call("probe_entropy", self.probe_ids, self.probe_mask)[0])
 
-    def _publish(self, version: int) -> list[Any]:
+    def _publish(self, version: int) -> tuple[list[Any], Any]:
         """Queue publication of ``version`` on every learner rank and post it on the board.
 
-        Returns the ranks' call refs; rank 0's resolves to the manifest, which Ray hands to the
-        board (and to each actor's ``update_weights``) without the driver fetching it.
+        Returns the ranks' call refs and what the rollout actors load from: a pull transport's
+        manifest is rank 0's result (Ray hands the ref to the board and to each actor's
+        ``update_weights`` without the driver fetching it); a push transport's is its announcement,
+        so the actors are receiving while rank 0 streams.
         """
-        from actors.weight_sync import BytesWeightPublisher
-
-        publisher = BytesWeightPublisher(self.cfg.rollout.weight_sync.bucket_bytes)
-        refs = [a.call.remote("publish_weights", publisher, version) for a in self.learners.actors]
+        refs = [a.publish_weights.remote(version) for a in self.learners.actors]
+        manifest = refs[0] if self.announcement is None else self.announcement.for_version(version)
         # the board first: an actor restarting meanwhile catches up from it
-        self.board_posted = self.board.post.remote(refs[0])
-        return refs
+        self.board_posted = self.board.post.remote(manifest)
+        return refs, manifest
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -762,11 +774,10 @@ class Driver:
         """
         started = time.monotonic()
         self.version += 1
-        publish_refs = self._publish(self.version)
+        publish_refs, manifest = self._publish(self.version)
         probe_refs = [
             a.call.remote("probe_entropy", self.probe_ids, self.probe_mask) for a in self.learners.actors
         ]
-        manifest = publish_refs[0]
         refs = {a.update_weights.remote(manifest): i for i, a in enumerate(self.actors)}
         timeout = self.cfg.rollout.weight_sync.timeout_s
         # the update queues behind at most one generate_step call (and that call's push)
@@ -782,11 +793,23 @@ class Driver:
         from ray.exceptions import RayActorError
 
         timeout = max(0.0, sync.deadline - time.monotonic()) if wait else 0
-        done, pending = ray.wait(list(sync.refs), num_returns=len(sync.refs), timeout=timeout)
+        # an actor Ray is restarting answers only once its constructor (engine start-up and its own
+        # catch-up from the board, which holds this version) is done: not waited for, so a sync (and,
+        # in sync mode, the run) never stalls behind a restart, nor kills it for being slow to start
+        restarting = [ref for ref, index in sync.refs.items() if index in self.unavailable_since]
+        awaited = [ref for ref in sync.refs if ref not in restarting]
+        done, pending = ray.wait(awaited, num_returns=len(awaited), timeout=timeout) if awaited else ([], [])
         if pending and not wait:
             return False
+        if restarting:
+            done += ray.wait(restarting, num_returns=len(restarting), timeout=0)[0]
         # a failed publication is the learner's error, not the actors'
-        self._learner_get(sync.publish, f"publish_weights of version {sync.version}", sync.started)
+        published = self._learner_get(
+            sync.publish, f"publish_weights of version {sync.version}", sync.started
+        )[0]
+        if published.failed_peers:
+            # the actors' own answers below say what happened to them; this is rank 0's view
+            log.warning("version %d did not reach %s", sync.version, ", ".join(published.failed_peers))
         for ref in done:
             index = sync.refs[ref]
             try:

@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.config import LearnerConfig
 from learner.cpu_pinning import cores_per_rank, pin_process, process_cores, rank_cores
+from transports.config import WeightSyncConfig
 
 
 def _free_port(host: str) -> int:
@@ -85,6 +86,7 @@ class LearnerActor:
         self.args = (cfg, model_path, rank, world_size, seed, deepspeed_overrides)
         self.cpus = cpus
         self.learner = None
+        self.publisher: Any = None  # rank 0's weight publisher (transports.factory)
 
     def pid(self) -> int:
         """This rank's process id (fault tests kill it; operators attach profilers)."""
@@ -126,6 +128,25 @@ class LearnerActor:
         if _is_loopback(master_addr):
             _init_loopback_process_group(cfg, master_addr, master_port, rank, world_size)
         self.learner = Learner(cfg, model_path, rank, world_size, seed=seed, deepspeed_overrides=overrides)
+
+    def open_weight_publisher(self, cfg: WeightSyncConfig, num_actors: int, tensor_parallel_size: int) -> Any:
+        """Build the weight publisher here (rank 0 only) and return its announcement (None: pull transport).
+
+        It lives in this process for the run: a push transport holds its groups and its store here.
+        """
+        from transports.factory import make_publisher
+
+        host = ray.util.get_node_ip_address()
+        self.publisher = make_publisher(
+            cfg, host=host, num_actors=num_actors, tensor_parallel_size=tensor_parallel_size
+        )
+        return self.publisher.announcement()
+
+    def publish_weights(self, version: int) -> Any:
+        """``Learner.publish_weights`` through this rank's publisher (all ranks call; rank 0 publishes)."""
+        if self.learner is None:
+            raise RuntimeError("LearnerActor.setup() has not run")
+        return self.learner.publish_weights(self.publisher, version)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run ``Learner.<method>(*args, **kwargs)`` (train_step, publish_weights, save_checkpoint, ...)."""

@@ -1334,10 +1334,15 @@ class Learner:
             What the publisher returned on rank 0 (its manifest/object refs), None elsewhere.
         """
         version = self.state.policy_version + 1 if version is None else version
-        # collected on every rank before rank 0 publishes: a publisher error then cannot leave the
-        # other ranks blocked inside a ZeRO-3 gather
-        named = list(self.named_parameters_for_sync())
-        result = publisher.publish(version, named) if self.rank == 0 else None
+        # rank 0's publisher consumes the per-module gathers as they come (a push transport streams
+        # each bucket while later layers are still gathered); the rest is drained whatever the
+        # publisher did, so an error on rank 0 cannot leave the other ranks blocked in a ZeRO-3 gather
+        named = self.named_parameters_for_sync()
+        try:
+            result = publisher.publish(version, named) if self.rank == 0 else None
+        finally:
+            for _ in named:
+                pass
         self.state.policy_version = version
         return result
 

@@ -18,11 +18,11 @@ import torch
 from actors.config import RewardConfig, RolloutConfig, WeightSyncConfig
 from actors.prompts import PromptSource, PromptSpec
 from actors.rollout import RolloutWorker
-from actors.weight_sync import BytesWeightPublisher
 from buffers.config import BufferConfig
 from buffers.replay import ReplayBuffer
 from buffers.schema import check_schema
 from tasks.tiny_model import make_tiny_model
+from transports.ray_bytes import BytesWeightPublisher
 
 GROUP_SIZE = 4
 MAX_TOKENS = 8

