@@ -778,7 +778,8 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         "`tasks.heldout`.",
         f"Wall time on the shared 2-core machine: training {train_s / 60:.1f} min ({n_runs} runs, "
         f"{train_s / n_runs:.0f} s each on average including Ray/vLLM/DeepSpeed start-up and the final "
-        f"export), evaluation {results['eval_seconds'] / 60:.1f} min ({len(evals)} vLLM engines).",
+        f"export), evaluation {math.fsum(e.get('seconds', 0.0) for e in evals.values()) / 60:.1f} min "
+        f"({len(evals)} vLLM engines, each model's own evaluation time, most of them run right after its training).",
         "",
         f"## Results (mean ± std over seeds; first/last = mean of the first/last {s['window']} steps)",
         "",
