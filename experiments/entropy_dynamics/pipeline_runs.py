@@ -76,6 +76,14 @@ SERIES = (
     "realised_entropy_change",
     "predicted_entropy_change",
     "wall_seconds",
+    "step",
+    "train_tokens_per_s",
+    "rollout_tokens_per_s",
+)
+# settings a stored report must share with this one for its runs to be merged (--merge-stored)
+MERGE_SETTINGS = (
+    *("variant", "config", "steps", "k", "heldout", "eval_temperature", "eval_seed", "window", "overrides"),
+    *("warm_start", "lr", "groups_per_step", "group_size", "rollout_temperature", "max_staleness", "rare_frac"),
 )
 EVAL_METRICS = ("avg_at_k", "pass_at_k", "greedy_accuracy")
 # per-run summary keys compared with GRPO: (key, label)
@@ -717,6 +725,20 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
     missing = [
         run_name(m, x) for m in s["methods"] for x in seeds if str(x) not in map(str, results["runs"].get(m, {}))
     ]
+    stored = sorted(
+        {r["stored_from"] for by in results["runs"].values() for r in by.values() if "stored_from" in r}
+    )
+    stored_names = [
+        run_name(m, int(x)) for m, by in results["runs"].items() for x, r in by.items() if "stored_from" in r
+    ]
+    merged = (
+        f" {len(stored_names)} of them ({', '.join(stored_names)}) were made earlier and are taken from the stored "
+        f"per-step series and evaluations in {', '.join(f'`{x}`' for x in stored)} (`--merge-stored`: same settings, "
+        "and the warm start evaluates identically question by question, so the same starting policy); the others "
+        "were trained for this report."
+        if stored_names
+        else ""
+    )
     task = (
         "string reversal (`task.variant=reversal`)"
         if variant == "reversal"
@@ -730,11 +752,11 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         "",
         f"Task: {task}. {len(s['methods'])} methods × seeds {seeds} asked, {s['steps']} learner steps each; "
         + (
-            "all runs reported. "
+            f"all {n_runs} runs reported.{merged} "
             if not missing
             else f"**{n_runs} of {len(s['methods']) * len(seeds)} runs finished and reported** (`--reuse-only`; "
             f"missing: {', '.join(missing)}), so some methods have fewer seeds (column `seeds`) and a method with one "
-            "seed gets no verdict. "
+            f"seed gets no verdict.{merged} "
         )
         + "Every run starts from the same "
         f"warm start `{s['warm_start']}`, whose accuracy was measured in this run's own evaluation: greedy "
@@ -756,7 +778,8 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         "`tasks.heldout`.",
         f"Wall time on the shared 2-core machine: training {train_s / 60:.1f} min ({n_runs} runs, "
         f"{train_s / n_runs:.0f} s each on average including Ray/vLLM/DeepSpeed start-up and the final "
-        f"export), evaluation {results['eval_seconds'] / 60:.1f} min ({len(evals)} vLLM engines).",
+        f"export), evaluation {math.fsum(e.get('seconds', 0.0) for e in evals.values()) / 60:.1f} min "
+        f"({len(evals)} vLLM engines, each model's own evaluation time, most of them run right after its training).",
         "",
         f"## Results (mean ± std over seeds; first/last = mean of the first/last {s['window']} steps)",
         "",
@@ -889,6 +912,57 @@ def _series_of(rows: Sequence[Mapping[str, float]]) -> dict[str, list[float | No
     }
 
 
+def rows_from_series(series: Mapping[str, Sequence[float | None]]) -> list[dict[str, float]]:
+    """A stored run's metrics rows back from its :data:`SERIES` (null as NaN; ``step`` = position + 1
+    where the record predates storing it)."""
+    n = len(next(iter(series.values())))
+    rows = [{c: math.nan if v[i] is None else float(v[i]) for c, v in series.items()} for i in range(n)]
+    for i, row in enumerate(rows):
+        if not math.isfinite(row.get("step", math.nan)):
+            row["step"] = float(i + 1)
+    return rows
+
+
+def stored_runs(
+    path: Path, settings: Mapping[str, Any], warm: Mapping[str, Any], wanted: Iterable[tuple[str, int]]
+) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """Runs of an earlier report (``results.json``) to merge with the runs finished here.
+
+    Only if the report shares every :data:`MERGE_SETTINGS` value and its warm start's evaluation
+    equals this one's question by question (same greedy accuracy and the same correct count of every
+    question under the same sampling seeds, i.e. the same starting policy); otherwise ``SystemExit``.
+    Returns ``(runs, evals)`` of the ``(method, seed)`` pairs in ``wanted`` that it holds: each run's
+    rows rebuilt from its stored series (6 significant digits) and its stored evaluation.
+    """
+    stored = json.loads(path.read_text())
+    old = stored["settings"]
+    differ = {k: (old.get(k), settings.get(k)) for k in MERGE_SETTINGS if old.get(k) != settings.get(k)}
+    if differ:
+        raise SystemExit(f"--merge-stored {path}: settings differ (stored, here): {differ}")
+    old_warm = stored["evals"][WARM]
+    same_start = old_warm["correct_counts"] == warm["correct_counts"]
+    if not same_start or old_warm["greedy_accuracy"] != warm["greedy_accuracy"]:
+        raise SystemExit(
+            f"--merge-stored {path}: its warm start evaluates differently (greedy {old_warm['greedy_accuracy']:.4f} "
+            f"vs {warm['greedy_accuracy']:.4f} here, or per-question counts differ): not the same starting policy"
+        )
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    evals: dict[str, dict[str, Any]] = {}
+    for method, seed in wanted:
+        record = stored["runs"].get(method, {}).get(str(seed))
+        if record is None:
+            continue
+        runs.setdefault(method, {})[seed] = {
+            "run_dir": run_name(method, seed),
+            "seconds": record["seconds"],
+            "reused": True,
+            "stored_from": record.get("stored_from", str(path)),
+            "rows": rows_from_series(record["series"]),
+        }
+        evals[run_name(method, seed)] = stored["evals"][run_name(method, seed)]
+    return runs, evals
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -922,6 +996,13 @@ def main(argv: list[str] | None = None) -> int:
         help="Report only the runs already finished with the same config; train nothing (the rest are left out).",
     )
     p.add_argument("--setup-only", action="store_true", help="With --train-only: build data and warm start, then stop.")
+    p.add_argument(
+        "--merge-stored",
+        default=None,
+        help="results.json of an earlier report: with --reuse-only, runs missing under --runs-dir are taken from its "
+        "stored per-step series and evaluations, if its settings and its warm start's evaluation (per question) equal "
+        "this report's.",
+    )
     p.add_argument("overrides", nargs="*", help="Further dotted config overrides for every run.")
     args = p.parse_args(argv)
     if BASELINE not in args.methods and not args.train_only:
@@ -978,7 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
                 ],
             )
             if args.reuse_only and not _finished(cfg):
-                print(f"seed {seed} {method}: no finished run, left out (--reuse-only)", flush=True)
+                print(f"seed {seed} {method}: no finished run here", flush=True)
                 continue
             run_dir, seconds, reused = train_or_reuse(cfg, args.progress)
             if args.train_only:
@@ -1005,10 +1086,6 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = time.perf_counter() - started
     if args.train_only:
         return 0
-    runs = {m: by for m, by in runs.items() if by}
-    if BASELINE not in runs:
-        p.error(f"no finished run of the baseline {BASELINE!r}")
-
     models = {WARM: Path(base.model.path)}
     models.update(
         {run_name(m, s): Path(r["run_dir"]) / "final_model" for m, by in runs.items() for s, r in by.items()}
@@ -1018,25 +1095,41 @@ def main(argv: list[str] | None = None) -> int:
     cache.update({run_name(m, s): Path(r["run_dir"]) / EVAL_FILE for m, by in runs.items() for s, r in by.items()})
     evals = evaluate_models(models, base, args.k, args.heldout, args.eval_temperature, args.eval_seed, cache)
     eval_seconds = time.perf_counter() - eval_started
+    settings = {
+        **{k: v for k, v in vars(args).items() if k not in ("progress",)},
+        "variant": args.variant,
+        "rare_frac": base.task.rare_frac,
+        "clip_eps": {m: _eps_of(m) for m in args.methods},
+        "command": "python -m experiments.entropy_dynamics.pipeline_runs"
+        + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv)),
+        "warm_start": base.model.path,
+        "lr": base.learner.lr,
+        "groups_per_step": base.learner.groups_per_step,
+        "group_size": base.rollout.group_size,
+        "rollout_temperature": base.rollout.temperature,
+        "max_staleness": base.learner.max_staleness,
+        "mu": base.learner.clip.mu,
+        "form": base.learner.clip.form,
+    }
+    if args.merge_stored:
+        if not args.reuse_only:
+            p.error("--merge-stored goes with --reuse-only")
+        wanted = [(m, s) for s in args.seeds for m in args.methods if s not in runs[m]]
+        merged, merged_evals = stored_runs(Path(args.merge_stored), settings, evals[WARM], wanted)
+        for method, by_seed in merged.items():
+            for seed, run in by_seed.items():
+                runs[method][seed] = run
+                print(f"seed {seed} {method}: taken from {args.merge_stored}", flush=True)
+        evals.update(merged_evals)
+        # method order as asked, seeds in order
+        runs = {m: dict(sorted(runs[m].items())) for m in args.methods}
+    runs = {m: by for m, by in runs.items() if by}
+    if BASELINE not in runs:
+        p.error(f"no finished run of the baseline {BASELINE!r}")
 
     summary = summarise(runs, evals, args.window, args.k)
     results: dict[str, Any] = {
-        "settings": {
-            **{k: v for k, v in vars(args).items() if k not in ("progress",)},
-            "variant": args.variant,
-            "rare_frac": base.task.rare_frac,
-            "clip_eps": {m: _eps_of(m) for m in args.methods},
-            "command": "python -m experiments.entropy_dynamics.pipeline_runs"
-            + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv)),
-            "warm_start": base.model.path,
-            "lr": base.learner.lr,
-            "groups_per_step": base.learner.groups_per_step,
-            "group_size": base.rollout.group_size,
-            "rollout_temperature": base.rollout.temperature,
-            "max_staleness": base.learner.max_staleness,
-            "mu": base.learner.clip.mu,
-            "form": base.learner.clip.form,
-        },
+        "settings": settings,
         "seconds": time.perf_counter() - started,
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
@@ -1045,7 +1138,12 @@ def main(argv: list[str] | None = None) -> int:
         "evals": evals,
         "runs": {
             m: {
-                s: {"seconds": r["seconds"], "reused": r["reused"], "series": _series_of(r["rows"])}
+                s: {
+                    "seconds": r["seconds"],
+                    "reused": r["reused"],
+                    **({"stored_from": r["stored_from"]} if "stored_from" in r else {}),
+                    "series": _series_of(r["rows"]),
+                }
                 for s, r in by.items()
             }
             for m, by in runs.items()

@@ -233,10 +233,15 @@ def test_report_from_synthetic_runs(tmp_path: Path) -> None:
     assert "| ClipV (released) | 0.405 ± 0.005 | 0.101 ± 0.001 |" in text
     assert "| GRPO (ε 0.2/0.2) | 2 | 0.2/0.2 |" in text
     assert "## Same-batch entropy change" in text
-    assert "all runs reported" in text
+    assert "all 4 runs reported." in text
     # 4 runs of 30 s each
     assert "training 2.0 min (4 runs, 30 s each" in text
     assert all((tmp_path / name).stat().st_size > 0 for name in results["plots"])
+    # a run merged from an earlier report's records is named with its source
+    results["runs"]["grpo"][1]["stored_from"] = "old/results.json"
+    assert "1 of them (grpo-s1) were made earlier" in summary_markdown(results)
+    assert "`old/results.json`" in summary_markdown(results)
+    del results["runs"]["grpo"][1]["stored_from"]
     # a run left out is named, and the one-seed method gets no verdict
     del results["runs"]["clip_v"][1]
     results["summary"] = summarise({m: dict(v) for m, v in results["runs"].items()}, evals, window=2, k=8)
@@ -261,3 +266,39 @@ def test_evaluation_cache_is_read_back_only_for_the_same_settings(tmp_path: Path
     with pytest.raises(Exception) as err:  # noqa: B017 - whichever loader fails first, it must not reuse
         evaluate_models({"m": model}, cfg, 4, 4, 0.7, 0, {"m": file})
     assert "avg_at_k" not in str(err.value)
+
+
+def test_stored_runs_merge_only_from_the_same_start(tmp_path: Path) -> None:
+    import json
+
+    from experiments.entropy_dynamics.pipeline_runs import (
+        MERGE_SETTINGS,
+        _jsonable,
+        _series_of,
+        stored_runs,
+    )
+
+    rows = _rows(0.123456789)
+    warm = {"greedy_accuracy": 0.4, "correct_counts": [0, 8, 3, 1], "avg_at_k": 0.375}
+    settings = {key: f"value of {key}" for key in MERGE_SETTINGS}
+    record = {
+        "settings": settings,
+        "evals": {WARM: warm, "clip_v-s2": {"avg_at_k": 0.5}},
+        "runs": {"clip_v": {"2": {"seconds": 120.0, "reused": False, "series": _series_of(rows)}}},
+    }
+    file = tmp_path / "results.json"
+    file.write_text(json.dumps(_jsonable(record), allow_nan=False))
+    runs, evals = stored_runs(file, settings, warm, [("clip_v", 2), ("clip_v", 0), ("grpo", 2)])
+    # only what the file holds; the rows give the summary the full-precision rows give
+    assert list(runs) == ["clip_v"] and list(runs["clip_v"]) == [2]
+    assert evals == {"clip_v-s2": {"avg_at_k": 0.5}}
+    got, want = summarise_run(runs["clip_v"][2]["rows"], 2), summarise_run(rows, 2)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-5, nan_ok=True), key
+    assert [r["step"] for r in runs["clip_v"][2]["rows"]] == [1.0, 2.0, 3.0, 4.0]
+    assert runs["clip_v"][2]["stored_from"] == str(file)
+    # another warm start (one question's count differs), or another setting: refused
+    with pytest.raises(SystemExit, match="warm start evaluates differently"):
+        stored_runs(file, settings, {**warm, "correct_counts": [0, 8, 3, 2]}, [("clip_v", 2)])
+    with pytest.raises(SystemExit, match="settings differ"):
+        stored_runs(file, {**settings, "steps": 200}, warm, [("clip_v", 2)])
