@@ -47,6 +47,8 @@ STATS_EVERY_S = 2.0
 RESTART_DEADLINE_S = 600.0
 # how long a rollout failure waits for the learner ranks to answer a ping before it is blamed on the actor
 LEARNER_PING_S = 2.0
+# tries at starting a local Ray (its raylet must register within a fixed 30 s)
+LOCAL_RAY_ATTEMPTS = 2
 
 
 class PipelineError(RuntimeError):
@@ -156,7 +158,17 @@ def start_local_ray(num_cpus: int | None, **init_kwargs: Any) -> None:
     cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **init_kwargs)
+        for attempt in range(LOCAL_RAY_ATTEMPTS):
+            try:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, **init_kwargs)
+                return
+            except Exception as err:
+                # Ray gives its raylet a fixed 30 s to register; a machine busy with other jobs
+                # (seen at load average 6-10 on 2 cores) can miss that once without anything wrong
+                if "timed out during startup" not in str(err) or attempt == LOCAL_RAY_ATTEMPTS - 1:
+                    raise
+                log.warning("local Ray did not start within its 30 s (a loaded machine?); trying again")
+                ray.shutdown()
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
