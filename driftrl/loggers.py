@@ -74,7 +74,12 @@ class WandbLogger(StepLogger):
         self._run.log(_finite_items(row), step=step)
 
     def close(self) -> None:
+        import wandb
+
         self._run.finish()
+        # finish() can return before wandb-core has written the run's records (seen offline: a
+        # 7-byte file that fills a moment later); teardown waits for the service to flush and exit
+        wandb.teardown()
 
 
 def check_installed(names: Sequence[str]) -> None:
