@@ -32,11 +32,11 @@ run: setup
 	$(BIN)/driftrl run --config configs/tiny-cpu.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow" --timeout=600
-	$(BIN)/python -m pytest -q -m slow --timeout=900
+	$(BIN)/python -m pytest -q -m "not slow" --timeout=600 --durations=15
+	$(BIN)/python -m pytest -q -m slow --timeout=900 --durations=25
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" --timeout=600
+	$(BIN)/python -m pytest -q -m "not slow" --timeout=600 --durations=15
 
 lint: setup
 	$(BIN)/ruff check .
