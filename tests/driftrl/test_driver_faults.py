@@ -101,6 +101,9 @@ def test_any_exception_from_a_rollout_step_restarts_the_actor_counted_and_logged
 def test_a_hung_learner_rank_ends_the_run_naming_rank_and_step_within_the_deadline(local_ray, tmp_path):
     driver = make_driver(tmp_path, "learner.step_timeout_s=2")
     ranks = [ray.remote(SleepyProcess).options(num_cpus=0).remote(s) for s in (0.0, 60.0)]
+    # both processes up before the clock starts: on a loaded machine a worker's start alone can pass 2 s,
+    # and then rank 0 would be named as hung too (the stop-24 CI failure)
+    ray.get([rank.pid.remote() for rank in ranks], timeout=60)
     driver.learners = LearnerGroup(actors=ranks, placement_group=None)
     driver.step = 4
     started = time.monotonic()

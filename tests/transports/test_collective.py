@@ -5,6 +5,7 @@ restarted peer re-joins and catches up with the newest version."""
 from __future__ import annotations
 
 import asyncio
+import io
 import multiprocessing
 import os
 import signal
@@ -47,7 +48,16 @@ def peer_main(endpoint: tuple[str, int], rank: int, min_versions: list[int], out
             begin=lambda calls=calls: calls.append("begin"),
             finish=lambda calls=calls: calls.append("finish"),
         )
-        out.put((version, tensors, calls, got))
+        out.put((version, tensors, calls, as_bytes(got)))
+
+
+def as_bytes(got: dict[str, torch.Tensor]) -> bytes:
+    """Tensors put on a multiprocessing queue travel as shared-memory handles that the reader must fetch
+    from the writer's process; a peer that has exited by then (its last version sent) leaves
+    FileNotFoundError. Serialised bytes carry the values themselves."""
+    buffer = io.BytesIO()
+    torch.save(got, buffer)
+    return buffer.getvalue()
 
 
 def expect(out: Any, kind: str, timeout_s: float = 60) -> Any:
@@ -55,6 +65,9 @@ def expect(out: Any, kind: str, timeout_s: float = 60) -> Any:
     if kind == "joined":
         assert item[0] == "joined"
         return item[1]
+    if kind == "stream":
+        version, tensors, calls, payload = item
+        return version, tensors, calls, torch.load(io.BytesIO(payload), weights_only=True)
     return item
 
 
@@ -176,7 +189,7 @@ def late_peer_main(endpoint: tuple[str, int], rank: int, min_version: int, delay
         begin=lambda: None,
         finish=lambda: None,
     )
-    out.put((version, tensors, [], got))
+    out.put((version, tensors, [], as_bytes(got)))
 
 
 def test_a_dead_or_slow_joiner_never_stalls_publication_to_a_healthy_peer() -> None:
