@@ -137,6 +137,13 @@ class DriftConfig(StrictModel):
     learner: LearnerConfig = LearnerConfig()
     metrics: MetricsConfig = MetricsConfig()
 
+    @property
+    def effective_max_staleness(self) -> int:
+        """The staleness bound every process applies: ``learner.max_staleness``, or 0 in sync mode
+        (on-policy). The buffer's sample, the actors' admission rule and the learner's staleness
+        histogram all take this one value, so no process keeps its own copy of the mode rule."""
+        return 0 if self.run.mode == "sync" else self.learner.max_staleness
+
     @model_validator(mode="after")
     def _buffer_holds_a_checkpoint_interval(self) -> DriftConfig:
         # rows stay leased until the checkpoint after the step that used them is written, so the

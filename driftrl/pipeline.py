@@ -34,15 +34,12 @@ from typing import Any
 
 from driftrl.checkpoints import CheckpointWriter, ResumePoint
 from driftrl.config import ConfigError, DriftConfig, load_config
+from driftrl.lanes import GENERATE_WAIT_S, GenerationLane, SyncLane, TrainingLane
 from driftrl.run_dir import RunDir, RunLocks, create_run_dir, in_use, open_run_dir, write_atomic
 
 log = logging.getLogger("driftrl.pipeline")
 
 KEEP_CHECKPOINTS = 2
-# how long one generate_step call waits for a finished group: also the longest a weight update
-# queues behind it on the actor
-GENERATE_WAIT_S = 1.0
-STATS_EVERY_S = 2.0
 # longest a restarting rollout actor may stay away (a vLLM engine starts in well under a minute)
 RESTART_DEADLINE_S = 600.0
 # how long a rollout failure waits for the learner ranks to answer a ping before it is blamed on the actor
@@ -82,13 +79,6 @@ class _Sync:
     started: float
     deadline: float
     publish: list[Any]  # the learner ranks' publish_weights calls (rank 0's result is the manifest)
-
-
-def _groups_in(table: Any) -> int:
-    """Distinct groups of a rollout table (0 for None)."""
-    import pyarrow.compute as pc
-
-    return 0 if table is None or table.num_rows == 0 else pc.count_distinct(table.column("group_id")).as_py()
 
 
 def _probe_batch(cfg: DriftConfig) -> tuple[Any, Any]:
@@ -233,7 +223,7 @@ class Driver:
         self.progress = progress
         self.on_step = on_step
         self.sync_mode = cfg.run.mode == "sync"
-        self.max_staleness = 0 if self.sync_mode else cfg.learner.max_staleness
+        self.max_staleness = cfg.effective_max_staleness
         self.telemetry = RunTelemetry()
         self.metrics_log = MetricsLog(run.metrics)
         # several optimizer steps per sampled batch: metrics.parquet keeps a row per batch (its last
@@ -338,7 +328,9 @@ class Driver:
         early_actors = not self.resume and cfg.rollout.weight_sync.transport == "ray_bytes"
         if early_actors:
             launch_actors()
-        self.learners = launch_learners(cfg.learner, cfg.model.path, seed=cfg.run.seed, cpus=learner_cpus)
+        # the learner bins staleness up to the bound the buffer applies (0 in sync mode)
+        learner_cfg = cfg.learner.model_copy(update={"max_staleness": self.max_staleness})
+        self.learners = launch_learners(learner_cfg, cfg.model.path, seed=cfg.run.seed, cpus=learner_cpus)
         # both ends from one config (transports/factory.py): the publisher lives on learner rank 0
         self.announcement = self._learner_get(
             [
@@ -434,196 +426,66 @@ class Driver:
 
     # ---- the loop -----------------------------------------------------------------------------
 
-    def loop(self) -> None:  # noqa: C901 - one event loop reads best in one place
+    def loop(self) -> None:
         """Run learner steps until ``learner.total_steps``.
 
         The learner never waits for the driver: when step ``k`` ends, the weight publication and the
         probe are queued on the learner actors at once (their results are handled when they come),
-        followed by step ``k+1`` on a batch sampled while step ``k`` was training.
+        followed by step ``k+1`` on a batch sampled while step ``k`` was training. Each kind of call
+        belongs to one lane (:mod:`driftrl.lanes`), which owns its refs and handles them when ready.
         """
-        import pyarrow as pa
         import ray
-        from ray.exceptions import RayActorError
 
-        cfg = self.cfg
-        total = cfg.learner.total_steps
-        groups = cfg.learner.groups_per_step
-        gen_refs: dict[Any, int] = {}
-        stats_refs: dict[Any, int] = {}
-        sample_ref: Any = None
-        sample_started = 0.0
-        next_table: Any = None  # a sampled batch waiting for the learner
-        partial_table: Any = None  # part of the next batch, when a restarted buffer redelivered the rest
-        train_refs: list[Any] | None = None
-        train_started = 0.0
-        train_ids: Any = None
-        pending_sync: _Sync | None = None
-        # the probe's refs, its step's row, the predicted ΔH since the previous sync, when queued
-        pending_probe: tuple[list[Any], dict[str, float], float, float] | None = None
-        buffer_stats_ref: Any = None
-        last_stats = 0.0
+        total = self.cfg.learner.total_steps
         bar = self._progress_bar(total)
-
-        def version_of_next_step() -> int:
-            """The learner's policy version when the next step to be dispatched runs."""
-            if train_refs is None:
-                return self.version
-            syncs = (self.step + 1) % cfg.learner.sync_interval == 0 or self.step + 1 == total
-            return self.version + (1 if syncs else 0)
-
-        def dispatch_train() -> None:
-            nonlocal next_table, train_refs, train_ids, train_started
-            table, next_table = next_table, None
-            train_ids = table.column("traj_id").combine_chunks()
-            table_ref = ray.put(table)
-            method = "train_step" if self.updates_log is None else "train_updates"
-            train_refs = [a.call.remote(method, table_ref) for a in self.learners.actors]
-            train_started = time.monotonic()
-            if self.last_train_done is not None:
-                self.learner_wait_s = time.monotonic() - self.last_train_done
-
-        def finish_probe(wait: bool) -> None:
-            nonlocal pending_probe
-            if pending_probe is None:
-                return
-            refs, row, predicted, queued = pending_probe
-            if not wait and len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
-                return
-            pending_probe = None
-            probe = self._learner_get(refs, f"probe_entropy after step {int(row['step'])}", queued)[0]
-            self._record_probe(float(probe), row, predicted)
-            self._append_row(row, bar)
-
+        generation, training, syncing = GenerationLane(self), TrainingLane(self), SyncLane(self, bar)
         try:
             while self.step < total:
                 now = time.monotonic()
-                learner_busy = train_refs is not None or pending_sync is not None
-                gen_busy = set(gen_refs.values())
-                if not (self.sync_mode and learner_busy):
-                    # groups sampled so far + groups waiting: leased groups are in consumed_groups already
-                    admitted = self.consumed_groups + int(self.buffer_stats.get("groups_available", 0))
-                    for index, actor in enumerate(self.actors):
-                        if index not in gen_busy and self.retry_at.get(index, 0.0) <= now:
-                            ref = actor.generate_step.remote(self.version, admitted, GENERATE_WAIT_S)
-                            gen_refs[ref] = index
-                steps_left = total - self.step - (1 if train_refs is not None else 0)
-                if sample_ref is None and next_table is None and steps_left > 0:
-                    wanted = groups - _groups_in(partial_table)
-                    sample_ref = self.buffer.sample.remote(
-                        wanted, version_of_next_step(), self.max_staleness, cfg.learner.sample_timeout_s
-                    )
-                    sample_started = now
-                if train_refs is not None and now - train_started > cfg.learner.step_timeout_s:
-                    self._learner_get(train_refs, f"train_step of step {self.step + 1}", train_started)
-                if sample_ref is not None and now - sample_started > (
-                    cfg.learner.sample_timeout_s + cfg.run.rpc_timeout_s
-                ):
-                    raise PipelineError(
-                        f"the replay buffer has not answered a sample call for {now - sample_started:.0f} s "
-                        f"(learner.sample_timeout_s + run.rpc_timeout_s): it hangs. The run can go on from "
-                        f"its last checkpoint: driftrl train --resume {self.run.root}"
-                    )
-                if now - last_stats >= STATS_EVERY_S:
-                    last_stats = now
-                    if buffer_stats_ref is None:
-                        buffer_stats_ref = self.buffer.stats.remote()
-                    for index, actor in enumerate(self.actors):
-                        if index not in stats_refs.values():
-                            stats_refs[actor.stats.remote()] = index
-
-                waiting = list(gen_refs) + list(stats_refs) + (train_refs or [])
-                waiting += [sample_ref] if sample_ref is not None else []
-                waiting += [buffer_stats_ref] if buffer_stats_ref is not None else []
-                waiting += list(pending_sync.refs) if pending_sync else []
-                waiting += pending_probe[0] if pending_probe else []
+                generation.request(now, learner_busy=training.busy or syncing.busy)
+                training.request(now)
+                waiting = generation.refs() + training.refs() + syncing.refs()
                 ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
-
                 for ref in ready:
-                    if ref in gen_refs:
-                        index = gen_refs.pop(ref)
-                        self._generate_done(index, ref)
-                    elif ref in stats_refs:
-                        index = stats_refs.pop(ref)
-                        try:
-                            stats = self._get(ref, f"rollout actor {index}'s stats")
-                        except RayActorError:
-                            continue  # the generate_step ref reports the death
-                        self.rollout_stats[index] = stats
-                        self._check_incarnation(index, stats.get("pid"))
-                        self.telemetry.record_rollout(stats["actor_id"], stats)
-                        if stats.get("broken"):
-                            self._restart_broken(index, stats["broken"])
-                    elif ref is buffer_stats_ref:
-                        buffer_stats_ref = None
-                        self.buffer_stats = self._get(ref, "the buffer's stats")
-                        self.telemetry.record_buffer(self.buffer_stats)
-                    elif ref is sample_ref:
-                        sample_ref = None
-                        table = self._get(ref, "the buffer's sample")
-                        held = [i for ids in self.unacked.values() for i in ids]
-                        held += train_ids.to_pylist() if train_refs is not None else []
-                        if partial_table is not None:
-                            held += partial_table.column("traj_id").to_pylist()
-                        fresh = self._without_redelivered(table, held)
-                        kept = fresh if partial_table is None else pa.concat_tables([partial_table, fresh])
-                        partial_table = None
-                        if fresh.num_rows < table.num_rows and _groups_in(kept) < groups:
-                            partial_table = kept  # the rest is sampled afresh at the next turn
-                            continue
-                        next_table = self._checked_batch(kept)
-                        self.startup.mark_once("first batch sampled (rollout engine start, generation)")
-                        self.consumed_groups += groups
-                        if train_refs is None:
-                            dispatch_train()
-                    elif train_refs is not None and ref in train_refs:
-                        if len(ray.wait(train_refs, num_returns=len(train_refs), timeout=0)[0]) < len(
-                            train_refs
-                        ):
-                            continue
-                        metrics = self._learner_get(train_refs, f"train_step of step {self.step + 1}")[0]
-                        if self.updates_log is not None:
-                            metrics = self._log_updates(metrics)
-                        train_refs = None
-                        self.last_train_done = time.monotonic()
-                        self.step += 1
-                        if "first step trained" not in self.startup.phases:
-                            self.startup.lap("first step trained")
-                            log.info(
-                                "first step trained %.1f s after start: %s",
-                                self.startup.to_first_step(),
-                                ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.phases.items()),
-                            )
-                        self.unacked[self.step] = train_ids.to_pylist()
-                        row = self._after_step(metrics)
-                        if self.step % cfg.learner.sync_interval == 0 or self.step == total:
-                            finish_probe(wait=True)  # keeps realised ΔH between consecutive syncs
-                            if pending_sync is not None:
-                                self._finish_sync(pending_sync, wait=True)
-                            pending_sync, probe_refs = self._start_sync()
-                            pending_probe = (probe_refs, row, self._take_predicted(), time.monotonic())
-                        else:
-                            self._append_row(row, bar)
-                        if self.step % cfg.learner.checkpoint_interval == 0 or self.step == total:
-                            finish_probe(wait=True)
-                            self._checkpoint()
-                        if next_table is not None and self.step < total:
-                            dispatch_train()
-                    elif pending_sync is not None and ref in pending_sync.refs:
-                        if self._finish_sync(pending_sync, wait=False):
-                            pending_sync = None
-                    elif pending_probe is not None and ref in pending_probe[0]:
-                        finish_probe(wait=False)
-                if pending_sync is not None and time.monotonic() > pending_sync.deadline:
-                    self._finish_sync(pending_sync, wait=True)
-                    pending_sync = None
-            finish_probe(wait=True)
-            if pending_sync is not None:
-                self._finish_sync(pending_sync, wait=True)
+                    if generation.owns(ref):
+                        generation.handle(ref)
+                    elif training.owns(ref):
+                        done = training.handle(ref)
+                        if done is not None:
+                            syncing.after_step(self._step_trained(*done))
+                            training.dispatch()
+                    elif syncing.owns(ref):
+                        syncing.handle(ref)
+                syncing.check_deadline()
+            syncing.drain()
         finally:
             if bar is not None:
                 bar.close()
-            for ref in gen_refs:
-                ray.cancel(ref)
+            generation.cancel()
+
+    def _step_trained(self, metrics: dict[str, float], traj_ids: list[str]) -> dict[str, float]:
+        """Step ``self.step + 1`` finished on every rank: count it, hold its rows until the next
+        checkpoint acknowledges them, and return its metrics row."""
+        if self.updates_log is not None:
+            metrics = self._log_updates(metrics)
+        self.last_train_done = time.monotonic()
+        self.step += 1
+        if "first step trained" not in self.startup.phases:
+            self.startup.lap("first step trained")
+            log.info(
+                "first step trained %.1f s after start: %s",
+                self.startup.to_first_step(),
+                ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.phases.items()),
+            )
+        self.unacked[self.step] = traj_ids
+        return self._after_step(metrics)
+
+    def _buffer_hangs(self, waited_s: float) -> None:
+        raise PipelineError(
+            f"the replay buffer has not answered a sample call for {waited_s:.0f} s "
+            f"(learner.sample_timeout_s + run.rpc_timeout_s): it hangs. The run can go on from "
+            f"its last checkpoint: driftrl train --resume {self.run.root}"
+        )
 
     def _without_redelivered(self, table: Any, held: list[str]) -> Any:
         """``table`` less the rows this run holds: trained since the last checkpoint, or in flight.

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 # the driver's constants: stats refresh period (the admission rule's lag)
-from driftrl.pipeline import STATS_EVERY_S
+from driftrl.lanes import STATS_EVERY_S
 
 Mode = Literal["sync", "async"]
 

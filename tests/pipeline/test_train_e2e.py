@@ -118,9 +118,14 @@ def test_sync_mode_trains_on_policy_only(tiny_inputs, tmp_path):
 
     events = EventAccumulator(str(result.run_dir / "tensorboard"))
     events.Reload()
-    logged = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events.Tensors("reward_mean")]
+    logged = [
+        (e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events.Tensors("reward_mean")
+    ]
     assert logged == [(int(r["step"]), pytest.approx(r["reward_mean"], rel=1e-6)) for r in rows]
     assert all(r["staleness_max"] == 0 for r in rows), [r["staleness_max"] for r in rows]
+    # one effective bound for every process: the learner bins staleness 0 and "over", not 0..max_staleness
+    bins = {k for k in rows[0] if k.startswith("staleness_count_")}
+    assert bins == {"staleness_count_0", "staleness_count_over"}, bins
     # on-policy: current and behaviour log-probs agree up to vLLM-vs-transformers numerics
     ratios = [r["ratio_mean"] for r in rows]
     assert all(abs(x - 1) < 0.01 for x in ratios), ratios
@@ -132,8 +137,14 @@ def test_final_model_is_loadable_and_differs_from_start(tiny_inputs, tmp_path):
 
     # 2 mini-batches x 2 epochs: four optimizer steps per sampled batch, each its own updates.parquet row
     cfg = tiny_config(
-        tiny_inputs, tmp_path / "runs", "run.name=export", "learner.total_steps=2", "learner.lr=1e-3",
-        "learner.checkpoint_interval=2", "learner.mini_batches=2", "learner.epochs=2",
+        tiny_inputs,
+        tmp_path / "runs",
+        "run.name=export",
+        "learner.total_steps=2",
+        "learner.lr=1e-3",
+        "learner.checkpoint_interval=2",
+        "learner.mini_batches=2",
+        "learner.epochs=2",
     )
     result = train(cfg, progress=False)
     updates = pq.read_table(result.run_dir / "updates.parquet").to_pylist()
@@ -147,7 +158,8 @@ def test_final_model_is_loadable_and_differs_from_start(tiny_inputs, tmp_path):
     start = AutoModelForCausalLM.from_pretrained(str(tiny_inputs["model"]))
     final = AutoModelForCausalLM.from_pretrained(str(result.final_model))
     changed = [
-        name for (name, a), (_, b) in zip(start.named_parameters(), final.named_parameters(), strict=True)
+        name
+        for (name, a), (_, b) in zip(start.named_parameters(), final.named_parameters(), strict=True)
         if not torch.equal(a, b)
     ]
     assert changed, "two learner steps at lr 1e-3 left every parameter unchanged"
