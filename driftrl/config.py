@@ -19,6 +19,7 @@ from actors.config import RolloutConfig
 from buffers.config import BufferConfig
 from learner.config import LearnerConfig
 from settings.base import StrictModel
+from tasks.synthetic import DEFAULT_RARE_FRAC
 
 
 class ConfigError(ValueError):
@@ -100,7 +101,10 @@ class TaskConfig(StrictModel):
         "lengths log-uniform in 2..288 tokens; needs rollout.max_tokens >= 289), see tasks/synthetic.py.",
     )
     rare_frac: float = Field(
-        0.15, ge=0, lt=1, description="multi_answer: share of train rows whose warm-start target is the copy."
+        DEFAULT_RARE_FRAC,
+        ge=0,
+        lt=1,
+        description="multi_answer: share of train rows whose warm-start target is the copy.",
     )
 
 

@@ -136,3 +136,24 @@ def test_data_of_another_task_variant_is_refused_not_reused(setup) -> None:
     other = cfg.model_copy(update={"task": cfg.task.model_copy(update={"variant": "multi_answer"})})
     with pytest.raises(ConfigError, match="holds 'reversal' data.*task.variant='multi_answer'"):
         ensure_tiny_default(other, progress=False)
+
+
+def test_multi_answer_data_of_another_rare_frac_is_refused_not_reused(tmp_path: Path) -> None:
+    """rare_frac decides which answer the warm start teaches: data made with another value would give
+    another starting policy under the same paths without a word."""
+    from tasks.synthetic import write_dataset
+    from tasks.warm_start import WarmStartMismatchError, ensure_tiny_setup
+
+    train, heldout = tmp_path / "train.parquet", tmp_path / "heldout.parquet"
+    write_dataset(train, heldout, seed=0, n_train=200, n_heldout=20, variant="multi_answer", rare_frac=0.15)
+    with pytest.raises(WarmStartMismatchError, match=r"rare_frac=0.15 .*task.rare_frac=0.35"):
+        ensure_tiny_setup(
+            train_path=train,
+            eval_path=heldout,
+            model_path=tmp_path / "model" / "warm",
+            seed=0,
+            variant="multi_answer",
+            rare_frac=0.35,
+            progress=False,
+        )
+    assert not (tmp_path / "model").exists()  # refused before any model was built
