@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import threading
 import time
@@ -50,6 +51,8 @@ from buffers.validation import DUPLICATE_GROUP_ID, DUPLICATE_TRAJ_ID, REJECT_REA
 from tasks.data_files import ROW_REJECT_REASONS
 from transports.base import WeightManifest, WeightSyncError
 from transports.factory import make_receiver
+
+log = logging.getLogger("driftrl.rollout")
 
 WORKER_EXTENSION = "actors.vllm_extension.WeightLoaderExtension"
 # skip reasons besides those of tasks.data_files.ROW_REJECT_REASONS (rollout stats, Prometheus labels)
@@ -164,13 +167,26 @@ class RolloutWorker:
         self._engine: Any = self._run(self._build_engine(model_path, actor_index), timeout_s=None)
 
         if weight_source is not None:
-            latest = call_endpoint(weight_source, "latest", timeout_s=cfg.weight_sync.timeout_s)
-            if latest is not None and latest.version > self._version:
-                self.update_weights(latest)
-            elif latest is not None:
-                # a push transport's announcement: join its group now, so the first sync streams at once
-                timeout_s = cfg.weight_sync.timeout_s
-                self._run(self._receiver.attach(self._rpc, latest, timeout_s), timeout_s=timeout_s + 60.0)
+            try:
+                self._catch_up(weight_source)
+            except Exception as err:
+                # raised from here, the error would end the actor for good: Ray restarts a process that
+                # died, not a constructor that failed. Broken instead, the actor says so in stats() and
+                # generate_step, and the driver restarts it, counted against rollout.max_restarts.
+                self._broken = (
+                    self._broken or f"catch-up from the weight board failed: {type(err).__name__}: {err}"
+                )
+                log.error("%s: %s", self.actor_id, self._broken)
+
+    def _catch_up(self, weight_source: Any) -> None:
+        """Load the newest published version, or join a push transport's group from its announcement."""
+        timeout_s = self.cfg.weight_sync.timeout_s
+        latest = call_endpoint(weight_source, "latest", timeout_s=timeout_s)
+        if latest is not None and latest.version > self._version:
+            self.update_weights(latest)
+        elif latest is not None:
+            # a push transport's announcement: join its group now, so the first sync streams at once
+            self._run(self._receiver.attach(self._rpc, latest, timeout_s), timeout_s=timeout_s + 60.0)
 
     # -- engine plumbing ---------------------------------------------------------------------------
 

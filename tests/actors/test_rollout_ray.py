@@ -63,7 +63,7 @@ def test_killed_actor_restarts_with_latest_weights_and_cursor(ray_session, tmp_p
         prompts_per_request=2,
         max_tokens=6,
         max_model_len=64,
-        max_restarts=1,
+        max_restarts=2,
         reward=RewardConfig(type="partial_match"),
     )
     collector = ray.remote(num_cpus=0)(TableCollector).remote()
@@ -112,4 +112,29 @@ def test_killed_actor_restarts_with_latest_weights_and_cursor(ray_session, tmp_p
     _, fresh = ray.get(collector.rows_since.remote(seen_tables))
     assert fresh is not None and fresh.num_rows >= 2 * GROUP_SIZE
     assert set(fresh["version_start"].to_pylist()) == {1}
+
+    # a restart whose catch-up fails (the board's newest version cannot be loaded here): the actor
+    # stays up and reports itself broken, for the driver to restart counted, instead of a failed
+    # constructor that Ray would never restart
+    from dataclasses import replace
+
+    from transports.base import WeightSyncError
+
+    ray.get(
+        board.post.remote(replace(manifest, version=2, transport="collective", endpoint=("127.0.0.1", 1)))
+    )
+    os.kill(new_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    stats = None
+    while time.monotonic() < deadline:
+        try:
+            stats = ray.get(actor.stats.remote(), timeout=60)
+            break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(1)
+    assert stats is not None and stats["pid"] != new_pid
+    assert stats["broken"] is not None and "catch-up from the weight board failed" in stats["broken"]
+    assert "'collective'" in stats["broken"] and stats["weight_version"] == 0
+    with pytest.raises(WeightSyncError, match=r"rollout-0 cannot generate: catch-up from the weight board"):
+        ray.get(actor.generate_step.remote(), timeout=60)
     ray.kill(actor)  # the actor this test created
