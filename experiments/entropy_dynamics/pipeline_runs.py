@@ -936,7 +936,9 @@ def stored_runs(
     """
     stored = json.loads(path.read_text())
     old = stored["settings"]
-    differ = {k: (old.get(k), settings.get(k)) for k in MERGE_SETTINGS if old.get(k) != settings.get(k)}
+    # rare_frac shapes only multi_answer's data and warm start; a reversal report records it all the same
+    keys = [k for k in MERGE_SETTINGS if k != "rare_frac" or settings.get("variant") == "multi_answer"]
+    differ = {k: (old.get(k), settings.get(k)) for k in keys if old.get(k) != settings.get(k)}
     if differ:
         raise SystemExit(f"--merge-stored {path}: settings differ (stored, here): {differ}")
     old_warm = stored["evals"][WARM]

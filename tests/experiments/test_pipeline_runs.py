@@ -302,3 +302,9 @@ def test_stored_runs_merge_only_from_the_same_start(tmp_path: Path) -> None:
         stored_runs(file, settings, {**warm, "correct_counts": [0, 8, 3, 2]}, [("clip_v", 2)])
     with pytest.raises(SystemExit, match="settings differ"):
         stored_runs(file, {**settings, "steps": 200}, warm, [("clip_v", 2)])
+    # rare_frac makes multi_answer's data and warm start, and nothing of reversal's
+    assert stored_runs(file, {**settings, "rare_frac": 0.35}, warm, [("clip_v", 2)])[1] == evals
+    multi = {**settings, "variant": "multi_answer"}
+    file.write_text(json.dumps(_jsonable({**record, "settings": multi}), allow_nan=False))
+    with pytest.raises(SystemExit, match=r"settings differ.*rare_frac"):
+        stored_runs(file, {**multi, "rare_frac": 0.35}, warm, [("clip_v", 2)])
