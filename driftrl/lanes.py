@@ -16,15 +16,28 @@ them, and hands each ready ref to the lane that owns it. The lanes keep the driv
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-if TYPE_CHECKING:
-    from driftrl.pipeline import Driver, _Sync
+# a lane's ``driver`` is the driftrl.pipeline.Driver that runs it, typed Any so that this module stays
+# below pipeline.py (the lanes call its methods; it builds the lanes)
+Driver = Any
 
 # how long one generate_step call waits for a finished group: also the longest a weight update
 # queues behind it on the actor
 GENERATE_WAIT_S = 1.0
 STATS_EVERY_S = 2.0
+
+
+@dataclass
+class PendingSync:
+    """One weight publication waiting for the rollout actors to load it."""
+
+    version: int
+    refs: dict[Any, int]
+    started: float
+    deadline: float
+    publish: list[Any]  # the learner ranks' publish_weights calls (rank 0's result is the manifest)
 
 
 def _groups_in(table: Any) -> int:
@@ -212,7 +225,7 @@ class SyncLane:
     def __init__(self, driver: Driver, bar: Any) -> None:
         self.driver = driver
         self.bar = bar
-        self.pending_sync: _Sync | None = None
+        self.pending_sync: PendingSync | None = None
         # the probe's refs, its step's row, the predicted ΔH since the previous sync, when queued
         self.pending_probe: tuple[list[Any], dict[str, float], float, float] | None = None
 

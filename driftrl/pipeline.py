@@ -34,7 +34,7 @@ from typing import Any
 
 from driftrl.checkpoints import CheckpointWriter, ResumePoint
 from driftrl.config import ConfigError, DriftConfig, load_config
-from driftrl.lanes import GENERATE_WAIT_S, GenerationLane, SyncLane, TrainingLane
+from driftrl.lanes import GENERATE_WAIT_S, GenerationLane, PendingSync, SyncLane, TrainingLane
 from driftrl.run_dir import RunDir, RunLocks, create_run_dir, in_use, open_run_dir, write_atomic
 
 log = logging.getLogger("driftrl.pipeline")
@@ -68,17 +68,6 @@ class TrainResult:
     rollout_restarts: int = 0
     sync_failures: int = 0
     resumed_from: str | None = None  # which checkpoint a resume started from (ResumePoint.describe)
-
-
-@dataclass
-class _Sync:
-    """One weight publication waiting for the rollout actors to load it."""
-
-    version: int
-    refs: dict[Any, int]
-    started: float
-    deadline: float
-    publish: list[Any]  # the learner ranks' publish_weights calls (rank 0's result is the manifest)
 
 
 def _probe_batch(cfg: DriftConfig) -> tuple[Any, Any]:
@@ -640,7 +629,7 @@ class Driver:
         row["step"] = float(self.step)
         return row
 
-    def _start_sync(self) -> tuple[_Sync, list[Any]]:
+    def _start_sync(self) -> tuple[PendingSync, list[Any]]:
         """Queue publication of version ``v+1`` and the probe on the learner; send it to the actors.
 
         Nothing here waits: the manifest travels as an object ref that Ray resolves for the board
@@ -656,12 +645,12 @@ class Driver:
         timeout = self.cfg.rollout.weight_sync.timeout_s
         # the update queues behind at most one generate_step call (and that call's push)
         deadline = started + timeout + GENERATE_WAIT_S + self.cfg.rollout.push_timeout_s
-        sync = _Sync(
+        sync = PendingSync(
             version=self.version, refs=refs, started=started, deadline=deadline, publish=publish_refs
         )
         return sync, probe_refs
 
-    def _finish_sync(self, sync: _Sync, wait: bool) -> bool:
+    def _finish_sync(self, sync: PendingSync, wait: bool) -> bool:
         """Collect the actors' answers to a sync; True when all answered (or were handled)."""
         import ray
         from ray.exceptions import RayActorError
