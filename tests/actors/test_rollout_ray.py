@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,6 +39,22 @@ class TableCollector:
     def rows_since(self, index: int) -> tuple[int, pa.Table | None]:
         fresh = self.tables[index:]
         return len(self.tables), pa.concat_tables(fresh) if fresh else None
+
+
+def kill_and_wait_for_restart(ray: Any, actor: Any, pid: int, timeout_s: float = 300) -> dict[str, Any]:
+    """SIGKILL the actor's process (``pid``, created by this test); the restarted process's stats."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            stats = ray.get(actor.stats.remote(), timeout=60)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(1)
+            continue
+        if stats["pid"] != pid:
+            return stats
+        time.sleep(1)  # the old process still answers: its death is not seen yet
+    raise AssertionError(f"the actor did not come back within {timeout_s:.0f} s of SIGKILL")
 
 
 @pytest.fixture(scope="module")
@@ -94,18 +111,8 @@ def test_killed_actor_restarts_with_latest_weights_and_cursor(ray_session, tmp_p
     seen_tables, _ = ray.get(collector.rows_since.remote(0))
 
     old_pid = ray.get(actor.pid.remote())
-    os.kill(old_pid, signal.SIGKILL)  # the actor's own process, created by this test
-    deadline = time.monotonic() + 300
-    new_pid = None
-    while time.monotonic() < deadline:
-        try:
-            new_pid = ray.get(actor.pid.remote(), timeout=60)
-            break
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            time.sleep(1)
-    assert new_pid is not None and new_pid != old_pid
-
-    stats = ray.get(actor.stats.remote())
+    stats = kill_and_wait_for_restart(ray, actor, old_pid)
+    new_pid = stats["pid"]
     assert stats["weight_version"] == 1  # caught up from the board before generating
     assert stats["prompt_cursor"]["position"] == committed  # resumed, not restarted from 0
     assert ray.get(actor.run.remote(max_groups=2), timeout=300) >= 2
@@ -123,16 +130,7 @@ def test_killed_actor_restarts_with_latest_weights_and_cursor(ray_session, tmp_p
     ray.get(
         board.post.remote(replace(manifest, version=2, transport="collective", endpoint=("127.0.0.1", 1)))
     )
-    os.kill(new_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 300
-    stats = None
-    while time.monotonic() < deadline:
-        try:
-            stats = ray.get(actor.stats.remote(), timeout=60)
-            break
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            time.sleep(1)
-    assert stats is not None and stats["pid"] != new_pid
+    stats = kill_and_wait_for_restart(ray, actor, new_pid)
     assert stats["broken"] is not None and "catch-up from the weight board failed" in stats["broken"]
     assert "'collective'" in stats["broken"] and stats["weight_version"] == 0
     with pytest.raises(WeightSyncError, match=r"rollout-0 cannot generate: catch-up from the weight board"):
